@@ -168,6 +168,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     valid: ValidConfig = field(default_factory=ValidConfig)
+    # defaults of the translator, stored in every checkpoint (scripts/translate.py flags override them)
+    decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(beam_size=5, nbest=1))
     device: str = "auto"               # auto | cpu | cuda
     precision: str = "auto"            # auto (bf16 on CUDA when supported, fp32 on CPU) | fp32 | bf16
 
@@ -181,6 +183,7 @@ CHOICES: dict[str, tuple] = {
     "optim.name": ("noam", "inverse_sqrt", "cosine", "cosine_restarts", "constant", "plateau"),
     "train.early_stopping.metric": ("valid_loss", "bleu", "chrf"),
     "valid.decode.length_penalty_mode": ("power", "gnmt"),
+    "decode.length_penalty_mode": ("power", "gnmt"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16"),
 }
@@ -252,6 +255,7 @@ def validate(cfg: Config) -> Config:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0, 1), got {o.betas}")
     _require(o.min_lr is None or o.max_lr is None or o.min_lr <= o.max_lr, "optim.min_lr must be <= optim.max_lr")
     validate_decode(cfg.valid.decode, "valid.decode")
+    validate_decode(cfg.decode, "decode")
     return cfg
 
 
