@@ -26,8 +26,12 @@ class DownloadConfig:
 
     # split name -> URL of a .tar.gz holding that split's .ko/.en files
     urls: Dict[str, str] = field(default_factory=dict)
-    # file names inside the archives, per split, as a "{lang}" pattern
+    # file names inside the archives: "{split}" and "{lang}" are filled in
+    # (e.g. "korean-english-park.{split}.{lang}"); empty = any "*{split}*.{lang}"
     member_pattern: str = ""
+    # split name -> expected sha256 of the archive (missing or "" = not checked)
+    sha256: Dict[str, str] = field(default_factory=dict)
+    timeout: float = 60.0              # seconds without data before a download gives up
 
 
 @dataclass
