@@ -58,7 +58,10 @@ class TokenizerConfig:
     vocab_size: int = 8000
     joint: bool = True                 # one shared ko+en vocabulary
     character_coverage: float = 0.9995
-    input_sentence_size: int = 1_000_000  # sentences sampled to train sentencepiece
+    input_sentence_size: int = 1_000_000  # sentences sampled to train sentencepiece (0 = all)
+    shuffle_input_sentence: bool = True  # sample them at random (sentencepiece's fixed seed: reproducible)
+    num_threads: int = 4               # trainer threads; the trained model depends on it, so it is fixed here
+    quiet: bool = True                 # hide sentencepiece's own training log
     cache_dir: str = "~/.cache/nmt/tokenizers"  # conf: ${oc.env:NMT_CACHE_DIR,...}
 
 
