@@ -1,0 +1,169 @@
+"""Tokenizer: special ids, round trips on real text, joint vs separate, state, cache, errors."""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import nmt.tokenizer as tk
+from nmt.config import ConfigError, TokenizerConfig
+from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, cache_key, train_or_load
+
+N = 1500  # training pairs: enough for a 1000-piece vocabulary, fast to train
+
+
+@pytest.fixture(scope="module")
+def tatoeba(data_root: Path) -> tuple[list[str], list[str]]:
+    d = data_root / "tatoeba-ko-en"
+    ko = (d / "train.ko").read_text(encoding="utf-8").splitlines()[:N]
+    en = (d / "train.en").read_text(encoding="utf-8").splitlines()[:N]
+    return ko, en
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> TokenizerConfig:
+    # character_coverage=1: every character gets a piece, so round trips are exact
+    return TokenizerConfig(vocab_size=1000, character_coverage=1.0, num_threads=2,
+                           cache_dir=str(tmp_path_factory.mktemp("tok-cache")))
+
+
+@pytest.fixture(scope="module")
+def joint(cfg, tatoeba) -> Tokenizer:
+    return train_or_load(cfg, *tatoeba)
+
+
+@pytest.fixture(scope="module")
+def separate(cfg, tatoeba) -> Tokenizer:
+    return train_or_load(replace(cfg, joint=False, vocab_size=700), *tatoeba)
+
+
+def test_special_ids(joint, separate):
+    assert (PAD, UNK, BOS, EOS) == (0, 1, 2, 3)
+    for sp in (joint.src_sp, separate.src_sp, separate.tgt_sp):
+        assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (PAD, UNK, BOS, EOS)
+
+
+def test_encode_adds_eos_to_source_only(joint, tatoeba):
+    ko, en = tatoeba
+    src = joint.encode_src(ko[:50])
+    tgt = joint.encode_tgt(en[:50])
+    assert all(s[-1] == EOS and EOS not in s[:-1] and BOS not in s for s in src)
+    assert all(EOS not in t and BOS not in t and PAD not in t for t in tgt)
+
+
+@pytest.mark.parametrize("which", ["joint", "separate"])
+def test_round_trip_on_real_text(which, request, tatoeba):
+    tok: Tokenizer = request.getfixturevalue(which)
+    ko, en = tatoeba
+    assert tok.decode_tgt_batch(tok.encode_tgt(en)) == en
+    assert [tok.decode_src(s) for s in tok.encode_src(ko)] == ko
+
+
+def test_decode_stops_at_eos_and_drops_pad_bos(joint):
+    y = joint.encode_tgt(["Tom is happy."])[0]
+    text = joint.decode_tgt(y)
+    assert text == "Tom is happy."
+    assert joint.decode_tgt([BOS, *y, EOS, *y, PAD]) == text
+    assert joint.decode_tgt([BOS, *y[:2], PAD, *y[2:], EOS, PAD, PAD]) == text
+    assert joint.decode_tgt_batch(torch.tensor([[BOS, *y, EOS], [BOS, *y, PAD]])) == [text, text]
+    assert joint.decode_tgt([EOS, *y]) == ""
+
+
+def test_joint_vs_separate(joint, separate):
+    assert joint.joint and joint.src_sp is joint.tgt_sp
+    assert joint.src_vocab_size == joint.tgt_vocab_size == 1000
+    assert not separate.joint and separate.src_sp is not separate.tgt_sp
+    assert separate.src_vocab_size == separate.tgt_vocab_size == 700
+    # a separate English model never produces Hangul pieces
+    pieces = [separate.tgt_sp.id_to_piece(i) for i in range(separate.tgt_vocab_size)]
+    assert not any("\uac00" <= ch <= "\ud7a3" for p in pieces for ch in p)
+
+
+@pytest.mark.parametrize("which", ["joint", "separate"])
+def test_state_round_trip_through_torch_weights_only(which, request, tatoeba, tmp_path):
+    tok: Tokenizer = request.getfixturevalue(which)
+    buf = io.BytesIO()
+    torch.save({"tokenizer": tok.to_state()}, buf)
+    buf.seek(0)
+    back = Tokenizer.from_state(torch.load(buf, weights_only=True)["tokenizer"])
+    ko, en = tatoeba
+    assert back.joint == tok.joint and back.settings == tok.settings
+    assert back.encode_src(ko) == tok.encode_src(ko)
+    assert back.encode_tgt(en) == tok.encode_tgt(en)
+    tok.save(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == (["joint.model"] if tok.joint else ["src.model", "tgt.model"])
+    assert Tokenizer.load(tmp_path).to_state()["src_model"] == tok.to_state()["src_model"]
+
+
+def test_cache_hit_does_not_retrain(cfg, tatoeba, joint, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("trained although the cache holds this model")
+
+    monkeypatch.setattr(tk, "_train_model", fail)
+    start = time.perf_counter()
+    again = train_or_load(cfg, *tatoeba)
+    assert time.perf_counter() - start < 1.0
+    assert again.to_state()["src_model"] == joint.to_state()["src_model"]
+    # logging verbosity does not change the model, so it shares the cache entry
+    train_or_load(replace(cfg, quiet=False), *tatoeba)
+
+
+def test_cache_key_depends_on_text_and_settings(cfg, tatoeba):
+    ko, en = tatoeba
+    base = cache_key(cfg, ko, en)
+    assert base == cache_key(replace(cfg, cache_dir="elsewhere"), ko, en)
+    assert base != cache_key(replace(cfg, vocab_size=999), ko, en)
+    assert base != cache_key(replace(cfg, model_type="bpe"), ko, en)
+    assert base != cache_key(replace(cfg, joint=False), ko, en)
+    assert base != cache_key(cfg, ko[:-1], en[:-1])
+    assert base != cache_key(cfg, ko[:-1], [ko[-1], *en])  # a line moved across the sides
+
+
+def test_training_is_deterministic(cfg, tatoeba):
+    lines = [*tatoeba[0][:500], *tatoeba[1][:500]]
+    small = replace(cfg, vocab_size=600, input_sentence_size=600)  # also exercises sampling
+    assert tk._train_model(lines, small, "joint") == tk._train_model(lines, small, "joint")
+
+
+def test_lost_cache_race_keeps_the_winner(tmp_path):
+    final = tmp_path / "key"
+    tk._store(final, {"joint.model": b"winner"}, {})
+    tk._store(final, {"joint.model": b"loser"}, {})
+    assert (final / "joint.model").read_bytes() == b"winner"
+    assert [p.name for p in tmp_path.iterdir()] == ["key"]  # no temp dirs left behind
+
+
+def test_bpe_model_type(cfg, tatoeba):
+    tok = train_or_load(replace(cfg, model_type="bpe"), *tatoeba)
+    assert tok.decode_tgt_batch(tok.encode_tgt(tatoeba[1][:100])) == tatoeba[1][:100]
+
+
+def test_too_large_vocab_is_a_config_error(cfg, tatoeba):
+    ko, en = tatoeba
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size=8000 is too large .*at most \d+\); lower it"):
+        train_or_load(replace(cfg, vocab_size=8000), ko[:300], en[:300])
+
+
+def test_too_small_vocab_is_a_config_error(cfg, tatoeba):
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size=100 is too small .*character_coverage"):
+        train_or_load(replace(cfg, vocab_size=100, joint=False), *tatoeba)
+
+
+def test_invalid_settings(cfg, tatoeba):
+    with pytest.raises(ConfigError, match="unigram, bpe"):
+        train_or_load(replace(cfg, model_type="word"), *tatoeba)
+
+
+def test_foreign_special_ids_are_rejected():
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g"] * 20), model_writer=out,
+                                   vocab_size=12, minloglevel=2)  # default ids: unk=0, bos=1, eos=2
+    with pytest.raises(ValueError, match="special ids"):
+        Tokenizer(out.getvalue())
