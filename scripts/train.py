@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""Train a Korean→English Transformer.
+
+    python scripts/train.py                                   # small model, embedded bible corpus
+    python scripts/train.py model=tiny data=tatoeba_ko_en train.max_steps=200
+    python scripts/train.py -m optim.factor=0.5,1,2           # a sweep, one run directory each
+
+Every key of conf/ can be overridden; see the README.
+"""
+import hydra
+from omegaconf import DictConfig
+
+from nmt.cli import run_training
+from nmt.config import register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_training(cfg)
+
+
+if __name__ == "__main__":
+    main()

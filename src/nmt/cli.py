@@ -1,0 +1,39 @@
+"""Glue between the Hydra entry point and ``nmt.train``: errors become one-line messages."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("nmt")
+
+# exit codes: 2 bad configuration or input, 3 training aborted, 130/143 interrupted
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def run_training(dcfg: DictConfig) -> dict:
+    """Validate the composed config and train in Hydra's run directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from nmt.checkpoint import CheckpointError
+    from nmt.config import ConfigError, to_config
+    from nmt.corpus import CorpusError
+    from nmt.train import TrainingError, train
+
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        cfg = to_config(dcfg)
+        summary = train(cfg, run_dir)
+    except (ConfigError, CorpusError, CheckpointError, TrainingError, ValueError) as e:
+        log.error("%s", e)
+        sys.exit(3 if isinstance(e, TrainingError) else 2)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        sys.exit(130)
+    reason = summary["stop_reason"]
+    if reason.startswith("interrupted by"):
+        log.warning("%s: last.pt written; continue with train.resume=true hydra.run.dir=%s", reason, run_dir)
+        sys.exit(EXIT_INTERRUPTED.get(reason.split()[-1], 1))
+    return summary

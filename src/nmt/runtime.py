@@ -1,0 +1,105 @@
+"""Process-level concerns: device and precision, seeding, RNG state, stop signals."""
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from typing import Optional
+
+import torch
+
+from nmt.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was requested but no CUDA GPU is available (use device=cpu or device=auto)")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r} is not valid; choose one of: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast on CUDA when supported (``auto``), fp32 (None) on CPU."""
+    if precision == "fp32":
+        return None
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16":
+        if device.type != "cuda":
+            raise ConfigError("precision=bf16 is only supported on CUDA here; use precision=auto or fp32 on the CPU")
+        if not bf16_ok:
+            raise ConfigError("precision=bf16 was requested but this GPU does not support bfloat16")
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_ok else None
+
+
+def configure_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as plain data (tensors, ints, tuples) for a weights_only checkpoint."""
+    state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the training loop checks between updates.
+
+    A second signal while stopping falls back to the default behaviour, so a
+    user can still force-quit a run that hangs.
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.received = name
+        log.warning("%s received: finishing the current update, saving last.pt and exiting", name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

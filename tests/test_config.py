@@ -1,0 +1,80 @@
+"""The real Hydra configs compose, and bad settings fail early with the valid choices."""
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from nmt.config import Config, ConfigError, conf_dir, from_dict, register_configs, to_config, to_dict
+
+register_configs()
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_default_config_composes_and_validates():
+    cfg = to_config(compose_cfg())
+    assert isinstance(cfg, Config)
+    assert cfg.data.name == "bible-ko-en" and cfg.model.d_model == 256 and cfg.optim.name == "noam"
+
+
+@pytest.mark.parametrize("preset,d_model,layers", [("tiny", 32, 2), ("small", 256, 4), ("base", 512, 6)])
+def test_model_presets(preset, d_model, layers):
+    cfg = to_config(compose_cfg(f"model={preset}"))
+    assert (cfg.model.d_model, cfg.model.n_encoder_layers, cfg.model.n_decoder_layers) == (d_model, layers, layers)
+
+
+def test_overrides_reach_every_group():
+    cfg = to_config(compose_cfg("model=small", "optim.warmup_steps=2000", "train.max_epochs=50",
+                                "model.dropout=0.2", "model.decoder_layers=2", "tokenizer.vocab_size=4000",
+                                "data=tatoeba_ko_en", "train.early_stopping.metric=chrf", "device=cpu"))
+    assert cfg.optim.warmup_steps == 2000 and cfg.train.max_epochs == 50 and cfg.model.dropout == 0.2
+    assert cfg.model.n_decoder_layers == 2 and cfg.model.n_encoder_layers == 4
+    assert cfg.tokenizer.vocab_size == 4000 and cfg.data.name == "tatoeba-ko-en"
+    assert cfg.train.early_stopping.metric == "chrf"
+
+
+def test_misspelt_key_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_cfg("train.max_step=10")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.norm=middle", "pre, post"),
+    ("train.early_stopping.metric=accuracy", "valid_loss, bleu, chrf"),
+    ("optim.name=linear", "noam, inverse_sqrt"),
+    ("device=tpu", "auto, cpu, cuda"),
+    ("model.heads=3", "multiple of model.heads"),
+    ("model.dropout=1.5", "model.dropout"),
+])
+def test_invalid_values_name_the_valid_choices(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        to_config(compose_cfg(override))
+
+
+def test_shared_embeddings_need_a_joint_vocabulary():
+    with pytest.raises(ConfigError, match="tokenizer.joint"):
+        to_config(compose_cfg("tokenizer.joint=false", "model.share_embeddings=all"))
+    cfg = to_config(compose_cfg("tokenizer.joint=false", "model.share_embeddings=decoder"))
+    assert cfg.model.share_embeddings == "decoder"
+
+
+def test_training_needs_an_end():
+    with pytest.raises(ConfigError, match="max_steps or train.max_epochs"):
+        to_config(compose_cfg("train.max_epochs=0", "train.max_steps=0"))
+
+
+def test_dict_round_trip_is_plain_data():
+    cfg = to_config(compose_cfg("model=tiny"))
+    d = to_dict(cfg)
+    assert from_dict(d) == cfg
+
+    def plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        if isinstance(x, list):
+            return all(plain(v) for v in x)
+        return x is None or isinstance(x, (str, int, float, bool))
+    assert plain(d)
