@@ -264,7 +264,7 @@ def test_path_traversal_members_are_never_written(tmp_path):
     evil = b"evil\n" * 3
     archive = make_tar(tmp_path / "t.tar.gz", {
         "../korean-english-park.train.ko": evil,
-        "/tmp/korean-english-park.train.en": evil,
+        "/abs/korean-english-park.train.en": evil,
         "korean-english-park.train.ko": text(KO),
         "korean-english-park.train.en": text(EN),
     })
