@@ -1,0 +1,282 @@
+"""The encoder-decoder Transformer with an explicit, functional KV cache.
+
+Shapes: B = batch, S = source length, T = target tokens in this call,
+L = target tokens already cached, D = d_model, H = heads, dh = D // H, V = vocab.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from nmt.config import ConfigError, ModelConfig
+from nmt.model.layers import DecoderLayer, EncoderLayer, sinusoidal_positions
+
+
+@dataclass
+class _Room:
+    """Key/value buffers [B, H, capacity, dh] per layer, shared by the caches grown in place.
+
+    ``frontier`` is how many positions have been written. A cache may append in
+    place only when its length equals the frontier: then nobody else has
+    written past it, and every cache sharing the buffers only sees positions
+    below its own length, which in-place appends never touch. So caches behave
+    as values even though the common path copies nothing.
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    frontier: int
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+
+def _capacity(needed: int) -> int:
+    # headroom so that greedy decoding regrows (one copy) only every so often
+    return needed + max(16, needed // 2)
+
+
+def _empty_room(like: list[Tensor], batch: int, capacity: int, frontier: int) -> _Room:
+    _, h, _, dh = like[0].shape
+    def new() -> list[Tensor]:
+        return [torch.empty(batch, h, capacity, dh, dtype=t.dtype, device=t.device) for t in like]
+    return _Room(new(), new(), frontier)
+
+
+@dataclass
+class KVCache:
+    """Everything a decoder step needs from earlier steps; a value, never module state.
+
+    self_k/self_v: per decoder layer, keys/values of the ``length`` target
+    positions decoded so far, each [B, H, length, dh] (possibly views of
+    larger buffers with room to grow).
+    cross_k/cross_v: per decoder layer, keys/values of the encoder memory,
+    each [B, H, S, dh], computed once when decoding starts.
+    Decoding from the same cache twice is safe: neither call changes what
+    the cache (or any other cache) holds.
+    """
+
+    self_k: list[Tensor]
+    self_v: list[Tensor]
+    cross_k: list[Tensor]
+    cross_v: list[Tensor]
+    length: int
+    _room: Optional[_Room] = field(default=None, repr=False, compare=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.cross_k[0].shape[0]
+
+    def select(self, index: Tensor, cross: bool = True) -> "KVCache":
+        """Rows ``index`` [B'] (LongTensor) of every cached tensor, in that order.
+
+        Beam search uses this to reorder or expand hypotheses. Pass
+        ``cross=False`` when every ``index[i]`` points at a row that shares row
+        ``i``'s source sentence (reordering beams within their own sentence's
+        group, with memory already expanded per beam): the cross K/V rows are
+        then identical and are kept as they are, saving one copy per layer per
+        step. The caller must select ``src_mask`` the same way.
+        """
+        def pick(ts: list[Tensor]) -> list[Tensor]:
+            return [t.index_select(0, index) for t in ts]
+
+        cross_k = pick(self.cross_k) if cross else self.cross_k
+        cross_v = pick(self.cross_v) if cross else self.cross_v
+        if torch.is_grad_enabled():  # out= does not support autograd: plain copies
+            return KVCache(pick(self.self_k), pick(self.self_v), cross_k, cross_v, self.length)
+        # copy straight into buffers with room, so the next step appends without a copy
+        n = self.length
+        cap = max(self._room.capacity, n + 1) if self._room is not None else _capacity(n + 1)
+        room = _empty_room(self.self_k, index.shape[0], cap, n)
+        for src, dst in zip(self.self_k + self.self_v, room.k + room.v):
+            torch.index_select(src, 0, index, out=dst[:, :, :n])
+        return KVCache([k[:, :, :n] for k in room.k], [v[:, :, :n] for v in room.v],
+                       cross_k, cross_v, n, room)
+
+    def _claim_room(self, t: int) -> _Room:
+        """A room holding this cache's positions with space for ``t`` more, claimed up to length + t."""
+        n, room = self.length, self._room
+        reusable = (room is not None and room.frontier == n and room.capacity >= n + t
+                    and not torch.is_grad_enabled()  # in-place writes would break autograd's saved tensors
+                    and (torch.is_inference_mode_enabled() or not room.k[0].is_inference()))
+        if not reusable:
+            room = _empty_room(self.self_k, self.batch_size, _capacity(n + t), n)
+            for src, dst in zip(self.self_k + self.self_v, room.k + room.v):
+                dst[:, :, :n] = src
+        room.frontier = n + t
+        return room
+
+
+def _key_mask(mask: Tensor) -> Tensor:
+    """Key-padding mask [B,S] (True = real token) -> [B,1,1,S] for SDPA.
+
+    A row with no real token at all makes softmax produce NaN on some SDPA
+    kernels and PyTorch versions (the project allows torch>=2.2), which would
+    then leak into other rows through 0 * NaN; such rows may attend everywhere
+    instead (their output is meaningless but finite).
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"src_mask must be a bool tensor (True at real tokens), got {mask.dtype}")
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask[:, None, None, :]
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer (Vaswani et al., 2017) with pre- or post-norm.
+
+    ``encode`` runs the source once; ``decode`` runs target tokens against that
+    memory and returns logits plus a :class:`KVCache` to continue from.
+    """
+
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int = 0) -> None:
+        super().__init__()
+        _check_config(cfg, src_vocab_size, tgt_vocab_size)
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.src_vocab_size = src_vocab_size
+        self.tgt_vocab_size = tgt_vocab_size
+        self.max_positions = cfg.max_positions
+        d = cfg.d_model
+        self.embed_scale = math.sqrt(d)
+
+        self.src_embed = nn.Embedding(src_vocab_size, d, padding_idx=pad_id)
+        self.tgt_embed = (self.src_embed if cfg.share_embeddings == "all"
+                          else nn.Embedding(tgt_vocab_size, d, padding_idx=pad_id))
+        # recomputed on load, so checkpoints stay small and max_positions can change
+        self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, d), persistent=False)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+
+        pre = cfg.norm == "pre"
+        args = (d, cfg.heads, cfg.ffn, cfg.dropout, cfg.attention_dropout,
+                cfg.activation, cfg.activation_dropout, pre)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(cfg.n_decoder_layers))
+        # pre-norm leaves the residual stream unnormalised: normalise once at the top of each stack
+        self.encoder_norm: nn.Module = nn.LayerNorm(d) if pre else nn.Identity()
+        self.decoder_norm: nn.Module = nn.LayerNorm(d) if pre else nn.Identity()
+        self.output_proj = nn.Linear(d, tgt_vocab_size, bias=False)
+
+        self._reset_parameters()
+        if cfg.share_embeddings in ("all", "decoder"):
+            self.output_proj.weight = self.tgt_embed.weight
+
+    def _reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # fused q/k/v (and k/v) projections: xavier per D x D block, as if they were separate layers
+        for module in self.modules():
+            for name in ("qkv_proj", "kv_proj"):
+                proj = getattr(module, name, None)
+                if isinstance(proj, nn.Linear):
+                    for block in proj.weight.data.split(self.cfg.d_model, dim=0):
+                        nn.init.xavier_uniform_(block)
+        std = self.cfg.d_model ** -0.5
+        # an untied output projection starts like a tied one (an embedding matrix),
+        # so logits have the same scale at init whatever share_embeddings says
+        embeddings = [self.src_embed.weight, self.tgt_embed.weight, self.output_proj.weight]
+        for w in embeddings:
+            nn.init.normal_(w, mean=0.0, std=std)
+        with torch.no_grad():
+            for w in embeddings:
+                if -w.shape[0] <= self.pad_id < w.shape[0]:
+                    w[self.pad_id].zero_()
+
+    # ------------------------------------------------------------------ helpers
+    def _check_length(self, end: int, what: str) -> None:
+        if end > self.max_positions:
+            raise ValueError(
+                f"{what} needs {end} positions but the model has max_positions={self.max_positions}; "
+                f"shorten or split the input (e.g. lower data.max_len / the decode max length) "
+                f"or train with a larger model.max_positions")
+
+    def _embed(self, embed: nn.Embedding, ids: Tensor, start: int) -> Tensor:
+        """ids [B,T] at positions start..start+T-1 -> [B,T,D]."""
+        x = embed(ids) * self.embed_scale + self.positions[start:start + ids.shape[1]]
+        return self.embed_drop(x)
+
+    # ------------------------------------------------------------------ API
+    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+        """src [B,S] (Long), src_mask [B,S] (bool, True at real tokens) -> memory [B,S,D]."""
+        self._check_length(src.shape[1], f"source of length {src.shape[1]}")
+        key_mask = _key_mask(src_mask)
+        x = self._embed(self.src_embed, src, 0)
+        for layer in self.encoder_layers:
+            x = layer(x, key_mask)
+        return self.encoder_norm(x)
+
+    def decode(self, tgt: Tensor, memory: Optional[Tensor], src_mask: Tensor,
+               cache: Optional[KVCache] = None) -> tuple[Tensor, KVCache]:
+        """Run target tokens through the decoder.
+
+        Without ``cache``: tgt [B,T] is the whole prefix (positions 0..T-1, causal
+        mask); the returned cache holds all T positions and the cross-attention
+        K/V of ``memory`` [B,S,D].
+        With ``cache``: tgt [B,T] holds only the NEW tokens at positions
+        cache.length..cache.length+T-1; ``memory`` is not used (may be None),
+        the cross K/V come from the cache. src_mask [B,S] must match the cache rows.
+        Returns logits [B,T,V] in the compute dtype and the extended cache.
+        """
+        b, t = tgt.shape
+        start = 0 if cache is None else cache.length
+        self._check_length(start + t, f"target prefix of length {start + t}")
+        cross_mask = _key_mask(src_mask)
+        if cache is None:
+            if memory is None:
+                raise ValueError("decode() without a cache needs the encoder memory")
+            cross = [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
+            past: list = [None] * len(self.decoder_layers)
+            room = None
+            self_mask, causal = None, t > 1
+        else:
+            cross = list(zip(cache.cross_k, cache.cross_v))
+            room = cache._claim_room(t)
+            past = [(k, v, start) for k, v in zip(room.k, room.v)]
+            causal = False
+            # one new token may see every cached one: no mask needed. Several new
+            # tokens: query i (position start+i) sees keys 0..start+i. SDPA's own
+            # is_causal aligns top-left, which is wrong once start > 0.
+            self_mask = (None if t == 1 else
+                         torch.ones(t, start + t, dtype=torch.bool, device=tgt.device).tril(diagonal=start))
+
+        x = self._embed(self.tgt_embed, tgt, start)
+        self_k, self_v = [], []
+        for layer, kv, p in zip(self.decoder_layers, cross, past):
+            x, (k, v) = layer(x, kv, cross_mask, self_mask=self_mask, is_causal=causal, past=p)
+            self_k.append(k)
+            self_v.append(v)
+        logits = self.output_proj(self.decoder_norm(x))
+        new_cache = KVCache(self_k, self_v, [kv[0] for kv in cross], [kv[1] for kv in cross], start + t, room)
+        return logits, new_cache
+
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: src [B,S], src_mask [B,S], tgt_in [B,T] -> logits [B,T,V]."""
+        logits, _ = self.decode(tgt_in, self.encode(src, src_mask), src_mask)
+        return logits
+
+
+def _check_config(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
+    """The model-level checks, so a Transformer built outside ``config.validate`` fails clearly."""
+    if cfg.share_embeddings not in ("all", "decoder", "none"):
+        raise ConfigError(f"model.share_embeddings={cfg.share_embeddings!r} is not valid; "
+                          "choose one of: all, decoder, none")
+    if cfg.share_embeddings == "all" and src_vocab_size != tgt_vocab_size:
+        raise ConfigError(
+            f"model.share_embeddings=all needs one vocabulary for both sides, but the source "
+            f"vocabulary has {src_vocab_size} entries and the target {tgt_vocab_size}; "
+            "use a joint tokenizer (tokenizer.joint=true) or model.share_embeddings=decoder|none")
+    if cfg.norm not in ("pre", "post"):
+        raise ConfigError(f"model.norm={cfg.norm!r} is not valid; choose one of: pre, post")
+    if cfg.activation not in ("relu", "gelu"):
+        raise ConfigError(f"model.activation={cfg.activation!r} is not valid; choose one of: relu, gelu")
+    if cfg.d_model <= 0 or cfg.heads <= 0 or cfg.d_model % cfg.heads:
+        raise ConfigError(f"model.d_model ({cfg.d_model}) must be a positive multiple of model.heads ({cfg.heads})")
+    if cfg.max_positions <= 0:
+        raise ConfigError(f"model.max_positions must be > 0, got {cfg.max_positions}")
