@@ -22,3 +22,33 @@ def data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real corpora not found in {root} (set NMT_DATA_DIR)")
     return root
+
+
+@pytest.fixture(scope="session")
+def tok_cache(tmp_path_factory) -> Path:
+    """One sentencepiece cache for the whole test session (tokenizers train once)."""
+    return tmp_path_factory.mktemp("tokenizers")
+
+
+# small, fast settings on the real tatoeba corpus: the tiny model trains in seconds
+TINY = ("model=tiny", "data=tatoeba_ko_en", "data.train_limit=600", "data.dev_limit=40",
+        "tokenizer.vocab_size=500", "train.max_tokens=1024", "train.log_every=2", "valid.max_sentences=8",
+        "valid.batch_size=8", "optim.warmup_steps=10", "train.progress=false", "device=cpu",
+        "train.valid_every_epoch=false")
+
+
+@pytest.fixture
+def make_cfg(data_root, tok_cache):
+    """Compose the real Hydra config with the TINY settings plus ``overrides``; returns a validated Config."""
+    from hydra import compose, initialize_config_dir
+
+    from nmt.config import conf_dir, register_configs, to_config
+
+    register_configs()
+
+    def make(*overrides: str):
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            dcfg = compose("config", overrides=[*TINY, f"data.root={data_root}",
+                                                f"tokenizer.cache_dir={tok_cache}", *overrides])
+        return to_config(dcfg)
+    return make

@@ -1,0 +1,302 @@
+"""``train(cfg, run_dir)``: build everything, then one readable loop.
+
+The loop: take ``accumulate`` token-budget batches, one optimizer update,
+log every ``log_every`` updates, validate every ``valid_every`` updates (and
+at epoch ends), checkpoint after validation, stop on max steps/epochs, early
+stopping, a stop signal, or too many non-finite updates in a row.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from nmt.batching import TokenBatchSampler, collate
+from nmt.checkpoint import (FORMAT, CheckpointManager, check_compatible, load_resume_checkpoint)
+from nmt.config import Config, from_dict, to_dict
+from nmt.data import PreparedData, prepare_data
+from nmt.early_stopping import EarlyStopping
+from nmt.evaluate import blind_sources, corpus_loss, corpus_scores, make_batches, translate_ids
+from nmt.loss import label_smoothed_nll
+from nmt.metrics import MetricsLogger
+from nmt.model import Transformer
+from nmt.optim import ScheduledOptimizer, build_optimizer, describe_schedule, peak_lr, warmup_end
+from nmt.runtime import (StopSignal, autocast_dtype, configure_backends, rng_state, seed_everything,
+                         select_device, set_rng_state)
+from nmt.tokenizer import PAD, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. too many non-finite updates in a row)."""
+
+
+class Trainer:
+    """Holds the objects of one run; ``run()`` is the training loop."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = select_device(cfg.device)
+        self.amp = autocast_dtype(cfg.precision, self.device)
+        configure_backends(self.device)
+        seed_everything(cfg.train.seed)
+        resume = self._find_resume()
+        tokenizer = Tokenizer.from_state(resume["tokenizer"]) if resume else None
+        self.data: PreparedData = prepare_data(cfg, tokenizer)
+        self.tok = self.data.tokenizer
+        self.tok.save(self.run_dir / "tokenizer")
+        t = cfg.train
+        self.sampler = TokenBatchSampler(self.data.train_src_lens, self.data.train_tgt_lens, t.max_tokens,
+                                         seed=t.seed, bucket_size=t.bucket_size)
+        self.model = Transformer(cfg.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size, PAD).to(self.device)
+        total = t.max_steps or (t.max_epochs * math.ceil(len(self.sampler) / t.accumulate))
+        self.total_steps = total
+        self.opt: ScheduledOptimizer = build_optimizer(self.model.parameters(), cfg.optim, cfg.model.d_model, total)
+        self.stopper = EarlyStopping(t.early_stopping.metric, t.early_stopping.patience, t.early_stopping.min_delta)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
+        self.step, self.bad_in_row, self.skipped = 0, 0, 0
+        self.last_valid: dict[str, float] = {}
+        self.dev_batches = make_batches(self.data.dev_src, self.data.dev_tgt, t.max_tokens)
+        self.blind_batches = make_batches(blind_sources(len(self.data.dev_tgt)), self.data.dev_tgt, t.max_tokens)
+        if resume:
+            self._restore(resume)
+        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)), encoding="utf-8")
+        self._log_setup()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _find_resume(self) -> Optional[dict]:
+        r = self.cfg.train.resume
+        if r is False or r is None or str(r).lower() in ("false", "no", ""):
+            return None
+        where = self.run_dir / "checkpoints" if str(r).lower() in ("true", "yes") else Path(str(r))
+        if str(r).lower() in ("true", "yes") and not any(where.glob("*.pt")):
+            log.info("train.resume=true but %s holds no checkpoint: starting from scratch", where)
+            return None
+        obj, path = load_resume_checkpoint(where)
+        check_compatible(from_dict(obj["config"]), self.cfg, path)
+        log.info("resuming from %s (step %d)", path, obj["step"])
+        return obj
+
+    def _restore(self, obj: dict) -> None:
+        self.model.load_state_dict(obj["model"])
+        self.opt.load_state_dict(obj["optimizer"])
+        self.sampler.load_state_dict(obj["sampler"])
+        self.stopper.load_state_dict(obj["early_stopping"])
+        set_rng_state(obj["rng"])
+        self.step = obj["step"]
+        self.skipped = obj.get("skipped_steps", 0)
+        self.last_valid = dict(obj.get("metrics", {}))
+
+    def _log_setup(self) -> None:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("run directory: %s", self.run_dir.resolve())
+        log.info("device %s, %s; model %.2fM parameters (%s-norm, share_embeddings=%s)", self.device,
+                 "bf16 autocast" if self.amp else "fp32", n_params / 1e6, self.cfg.model.norm,
+                 self.cfg.model.share_embeddings)
+        log.info("data %s: %d training pairs, %d dev pairs; vocab %d/%d; %d batches per epoch (max_tokens %d)",
+                 self.cfg.data.name, len(self.data.train_src), len(self.data.dev_src), self.tok.src_vocab_size,
+                 self.tok.tgt_vocab_size, len(self.sampler), self.cfg.train.max_tokens)
+        log.info(describe_schedule(self.cfg.optim, self.cfg.model.d_model, self.total_steps))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        t = self.cfg.train
+        reason = None
+        window = {"loss": 0.0, "tokens": 0, "real": 0, "padded": 0, "norm": 0.0, "n": 0, "t0": time.time()}
+        start = time.time()
+        bar = _progress(t.progress, self.total_steps, self.step)
+        with StopSignal() as stop:
+            while reason is None:
+                group = self._next_group()
+                if group is None:                      # epoch finished: move on first, so a checkpoint
+                    self.sampler.set_epoch(self.sampler.epoch + 1)   # saved now resumes in the next epoch
+                    if t.valid_every_epoch and self.last_valid.get("step") != self.step:
+                        reason = self._validate_and_save()
+                    if reason is None and t.max_epochs and self.sampler.epoch >= t.max_epochs:
+                        reason = f"reached train.max_epochs={t.max_epochs}"
+                    continue
+                batches = [collate([self.data.train_src[i] for i in idx], [self.data.train_tgt[i] for i in idx], idx)
+                           for idx in group]
+                loss, norm, ntok, ok = self._update(batches)
+                if not ok:
+                    reason = self._bad_update(loss, norm)
+                    continue
+                self.step += 1
+                self.bad_in_row = 0
+                _accumulate(window, loss, norm, ntok, batches)
+                if self.step % t.log_every == 0:
+                    self._log_train(window, bar)
+                if t.valid_every and self.step % t.valid_every == 0:
+                    reason = self._validate_and_save()
+                elif t.save_every and self.step % t.save_every == 0:
+                    self._save()
+                if reason is None and t.max_steps and self.step >= t.max_steps:
+                    reason = f"reached train.max_steps={t.max_steps}"
+                if reason is None and stop.received:
+                    reason = f"interrupted by {stop.received}"
+                bar.update(1)
+            bar.close()
+            if not self.last_valid or self.last_valid.get("step") != self.step:
+                if not reason.startswith("interrupted") and self.step > 0:
+                    self._validate_and_save(final=True)
+                else:
+                    self._save()
+        return self._finish(reason, time.time() - start)
+
+    def _next_group(self) -> Optional[list[list[int]]]:
+        group = []
+        for idx in self.sampler:
+            group.append(idx)
+            if len(group) == self.cfg.train.accumulate:
+                break
+        return group or None
+
+    def _update(self, batches) -> tuple[float, float, int, bool]:
+        """One optimizer update over ``batches``; loss normalised by their target tokens."""
+        t = self.cfg.train
+        total = sum(b.n_tgt_tokens for b in batches)
+        self.model.train()
+        self.opt.zero_grad()
+        loss_sum = 0.0
+        for b in batches:
+            b = b.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = self.model(b.src, b.src_mask, b.tgt_in)
+            loss, _, _ = label_smoothed_nll(logits, b.tgt_out, PAD, t.label_smoothing)
+            (loss / total).backward()
+            loss_sum += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
+        norm = float(norm)
+        ok = math.isfinite(loss_sum) and math.isfinite(norm)
+        if ok:
+            self.opt.step()
+        else:
+            self.opt.zero_grad()
+        return loss_sum / max(total, 1), norm, total, ok
+
+    def _bad_update(self, loss: float, norm: float) -> Optional[str]:
+        self.bad_in_row += 1
+        self.skipped += 1
+        log.warning("non-finite update skipped at step %d (loss %s, grad norm %s); %d in a row, %d in total",
+                    self.step + 1, loss, norm, self.bad_in_row, self.skipped)
+        if self.bad_in_row >= self.cfg.train.max_bad_steps:
+            self.write_summary(f"diverged: {self.bad_in_row} non-finite updates in a row", 0.0, diverged=True)
+            self.metrics.close()
+            raise TrainingError(
+                f"aborting: {self.bad_in_row} non-finite updates in a row at step {self.step + 1} "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); the learning rate is probably too high "
+                f"(current {self.opt.lr:.3g}). No checkpoint was written after the last good step.")
+        return None
+
+    # ------------------------------------------------------------------ logging, validation, checkpoints
+    def _log_train(self, w: dict, bar) -> None:
+        n = max(w["n"], 1)
+        elapsed = max(time.time() - w["t0"], 1e-9)
+        row = dict(epoch=self._epoch(), lr=self.opt.lr, loss=w["loss"] / max(w["tokens"], 1), grad_norm=w["norm"] / n,
+                   tokens_per_sec=w["tokens"] / elapsed, padding_eff=w["real"] / max(w["padded"], 1),
+                   bad_steps=self.skipped)
+        self.metrics.log(self.step, **row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
+        log.info("step %d epoch %.2f | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tok/s | padding eff %.2f",
+                 self.step, row["epoch"], row["loss"], row["lr"], row["grad_norm"], row["tokens_per_sec"],
+                 row["padding_eff"])
+        w.update(loss=0.0, tokens=0, real=0, padded=0, norm=0.0, n=0, t0=time.time())
+
+    def _epoch(self) -> float:
+        return self.sampler.epoch + self.sampler.state_dict()["position"] / max(len(self.sampler), 1)
+
+    def validate(self) -> dict[str, float]:
+        v = self.cfg.valid
+        real = corpus_loss(self.model, self.dev_batches, self.device, self.amp)
+        blind = corpus_loss(self.model, self.blind_batches, self.device, self.amp)
+        n = v.max_sentences or len(self.data.dev_src)
+        out = translate_ids(self.model, self.data.dev_src[:n], v.decode, self.device, v.batch_size, 0, self.amp)
+        hyps = [self.tok.decode_tgt(h[0]) if h else "" for h in out]
+        s = corpus_scores(hyps, self.data.dev_ref_text[:n])
+        for i in range(min(v.samples, n)):
+            self.metrics.text(f"samples/{i}", f"**src:** {self.data.dev_src_text[i]}  \n**ref:** "
+                              f"{self.data.dev_ref_text[i]}  \n**hyp:** {hyps[i]}", self.step)
+            log.info("sample %d: %s => %s", i, self.data.dev_src_text[i][:80], hyps[i][:120])
+        return dict(valid_loss=real.loss, valid_ppl=real.ppl, valid_acc=real.accuracy, valid_bleu=s["bleu"],
+                    valid_chrf=s["chrf"], valid_src_gain=blind.loss - real.loss, valid_blind_loss=blind.loss,
+                    valid_distinct=s["distinct"])
+
+    def _validate_and_save(self, final: bool = False) -> Optional[str]:
+        m = self.validate()
+        self.metrics.log(self.step, epoch=self._epoch(), lr=self.opt.lr, **m)
+        self.last_valid = {"step": self.step, **m}
+        improved = self.stopper.update(m[self.stopper.column], self.step)
+        self.opt.report_metric(m[self.stopper.column], self.stopper.higher_is_better)
+        log.info("validation step %d: loss %.4f ppl %.2f acc %.3f | BLEU %.2f chrF %.2f | src_gain %.3f "
+                 "distinct %.2f%s", self.step, m["valid_loss"], m["valid_ppl"], m["valid_acc"], m["valid_bleu"],
+                 m["valid_chrf"], m["valid_src_gain"], m["valid_distinct"], " (new best)" if improved else "")
+        if self.step > warmup_end(self.cfg.optim) and m["valid_src_gain"] < self.cfg.train.src_gain_warn:
+            log.warning("src_gain %.3f nats/token after warmup: the model barely uses its source sentence (it may be "
+                        "learning only an English language model; distinct outputs %.0f%%). This often means the peak "
+                        "LR is too high for this model: try a lower optim.factor / optim.peak_lr or a longer warmup.",
+                        m["valid_src_gain"], 100 * m["valid_distinct"])
+        self._save(best=improved, periodic=True)
+        if not final and self.stopper.should_stop:
+            return (f"early stopping: {self.stopper.metric} did not improve by more than {self.stopper.min_delta} "
+                    f"for {self.stopper.patience} validations (best {self.stopper.best:.4f} at step "
+                    f"{self.stopper.best_step})")
+        return None
+
+    def _save(self, best: bool = False, periodic: bool = False) -> None:
+        self.ckpt.save({
+            "format": FORMAT, "model": self.model.state_dict(), "config": to_dict(self.cfg),
+            "tokenizer": self.tok.to_state(), "decode": to_dict(self.cfg.decode), "step": self.step,
+            "epoch": self._epoch(), "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
+            "rng": rng_state(), "early_stopping": self.stopper.state_dict(), "skipped_steps": self.skipped,
+            "metrics": {k: float(v) for k, v in self.last_valid.items()},
+        }, best=best, periodic=periodic)
+
+    def write_summary(self, reason: str, seconds: float, diverged: bool = False) -> dict:
+        """``summary.json``: how the run ended, read by ``scripts/lr.py report``/``diagnose``."""
+        summary = {"step": self.step, "epoch": self._epoch(), "stop_reason": reason, "diverged": diverged,
+                   "best_metric": self.stopper.metric, "best": self.stopper.best, "best_step": self.stopper.best_step,
+                   "skipped_steps": self.skipped, "updates_per_epoch": len(self.sampler) / self.cfg.train.accumulate,
+                   "peak_lr": peak_lr(self.cfg.optim, self.cfg.model.d_model), "seconds": round(seconds, 1),
+                   "last_valid": self.last_valid}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
+
+    def _finish(self, reason: str, seconds: float) -> dict:
+        self.write_summary(reason, seconds)
+        self.metrics.close()
+        log.info("training stopped at step %d (epoch %.2f) after %.0f s: %s", self.step, self._epoch(), seconds, reason)
+        if self.stopper.best is not None:
+            log.info("best %s %.4f at step %d; checkpoints in %s", self.stopper.metric, self.stopper.best,
+                     self.stopper.best_step, self.ckpt.folder)
+        return {"step": self.step, "stop_reason": reason, "best": self.stopper.best,
+                "best_step": self.stopper.best_step, "last_valid": self.last_valid}
+
+
+def _accumulate(w: dict, loss: float, norm: float, ntok: int, batches) -> None:
+    w["loss"] += loss * ntok
+    w["tokens"] += ntok
+    w["norm"] += norm
+    w["n"] += 1
+    w["real"] += sum(b.n_tgt_tokens + b.n_src_tokens for b in batches)
+    w["padded"] += sum(b.src.numel() + b.tgt_out.numel() for b in batches)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                mininterval=1.0)
+
+
+def train(cfg: Config, run_dir: Path) -> dict:
+    """Train a model as configured, writing everything into ``run_dir``; returns a summary."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, run_dir).run()

@@ -1,0 +1,88 @@
+"""End to end: the tiny model trains on a slice of real data; loss falls, logs hold the
+scalars, early stopping stops, and resume is exact."""
+import csv
+import json
+
+import pytest
+import torch
+
+from nmt.checkpoint import load_checkpoint
+from nmt.metrics import read_metrics
+from nmt.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def params(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_training_loss_falls_and_outputs_are_written(make_cfg, tmp_path):
+    cfg = make_cfg("train.max_steps=24", "train.valid_every=12", "optim.warmup_steps=8", "model.dropout=0.0")
+    summary = train(cfg, tmp_path)
+    assert summary["step"] == 24 and "max_steps" in summary["stop_reason"]
+    rows = read_metrics(tmp_path / "metrics.csv")
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
+    valid = [r for r in rows if r["valid_loss"] is not None]
+    assert [int(r["step"]) for r in valid] == [12, 24]
+    for key in ("valid_bleu", "valid_chrf", "valid_src_gain", "valid_distinct", "valid_ppl"):
+        assert all(r[key] is not None for r in valid), key
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        header = next(csv.reader(f))
+    for col in ("step", "epoch", "lr", "loss", "grad_norm", "tokens_per_sec", "valid_loss", "valid_bleu",
+                "valid_chrf", "valid_src_gain", "valid_distinct"):
+        assert col in header
+    for name in ("best.pt", "last.pt", "step-12.pt", "step-24.pt"):
+        assert (tmp_path / "checkpoints" / name).is_file(), name
+    ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    for key in ("model", "config", "step", "tokenizer", "optimizer", "sampler", "rng", "early_stopping"):
+        assert key in ck
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 24
+    assert (tmp_path / "tokenizer").is_dir() and (tmp_path / "config.yaml").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "valid/loss", "valid/ppl",
+                "valid/bleu", "valid/chrf", "valid/src_gain", "valid/distinct"):
+        assert tag in tags, tag
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert lrs[3] > lrs[0]  # warmup
+
+
+def test_resume_is_exact(make_cfg, tmp_path):
+    common = ("train.valid_every=5", "train.save_every=0", "train.accumulate=2", "model.dropout=0.2")
+    full = tmp_path / "full"
+    train(make_cfg("train.max_steps=10", *common), full)
+    part = tmp_path / "part"
+    train(make_cfg("train.max_steps=5", *common), part)
+    summary = train(make_cfg("train.max_steps=10", "train.resume=true", *common), part)
+    assert summary["step"] == 10
+    a, b = params(full / "checkpoints" / "last.pt"), params(part / "checkpoints" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [int(r["step"]) for r in read_metrics(part / "metrics.csv") if r["valid_loss"] is not None]
+    assert steps == [5, 10]
+
+
+def test_early_stopping_stops_and_says_why(make_cfg, tmp_path):
+    cfg = make_cfg("train.max_steps=100", "train.valid_every=3", "train.early_stopping.metric=valid_loss",
+                   "train.early_stopping.patience=2", "train.early_stopping.min_delta=100")
+    summary = train(cfg, tmp_path)
+    assert summary["step"] == 9 and summary["stop_reason"].startswith("early stopping")
+    assert summary["best_step"] == 3
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == 3
+    log_text = (tmp_path / "summary.json").read_text()
+    assert "did not improve" in log_text
+
+
+def test_epoch_limit_and_epoch_validation(make_cfg, tmp_path):
+    summary = train(make_cfg("train.max_epochs=1", "train.max_steps=0", "train.valid_every=0", "train.valid_every_epoch=true",
+                             "train.max_tokens=4096"), tmp_path)
+    assert "max_epochs" in summary["stop_reason"]
+    rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r["valid_loss"] is not None]
+    assert len(rows) == 1 and rows[0]["epoch"] == pytest.approx(1.0)
