@@ -18,7 +18,7 @@ import torch
 from nmt.batching import Batch, batches_for_inference, collate
 from nmt.config import DecodeConfig
 from nmt.loss import label_smoothed_nll, n_correct
-from nmt.search import search
+from nmt.search import Hypothesis, search
 from nmt.tokenizer import BOS, EOS, PAD, Tokenizer
 
 
@@ -63,21 +63,29 @@ def corpus_loss(model: torch.nn.Module, batches: list[Batch], device: torch.devi
 
 
 @torch.inference_mode()
-def translate_ids(model: torch.nn.Module, src_ids: Sequence[list[int]], decode: DecodeConfig,
-                  device: torch.device, max_sentences: int = 64, max_tokens: int = 0,
-                  autocast_dtype: Optional[torch.dtype] = None) -> list[list[list[int]]]:
-    """Decode id sequences in length-sorted batches; returns, in input order, the n-best token lists."""
+def translate_hypotheses(model: torch.nn.Module, src_ids: Sequence[list[int]], decode: DecodeConfig,
+                         device: torch.device, max_sentences: int = 64, max_tokens: int = 0,
+                         autocast_dtype: Optional[torch.dtype] = None) -> list[list[Hypothesis]]:
+    """Decode id sequences in length-sorted batches; returns, in input order, the n-best hypotheses."""
     was_training = model.training
     model.eval()
-    results: list[list[list[int]]] = [[] for _ in src_ids]
+    results: list[list[Hypothesis]] = [[] for _ in src_ids]
     for idx in batches_for_inference([len(s) for s in src_ids], max_sentences=max_sentences, max_tokens=max_tokens):
         b = collate([src_ids[i] for i in idx], None, idx).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             hyps = search(model, b.src, b.src_mask, decode, bos_id=BOS, eos_id=EOS, pad_id=PAD)
         for i, sent in zip(idx, hyps):
-            results[i] = [h.tokens for h in sent]
+            results[i] = sent
     model.train(was_training)
     return results
+
+
+def translate_ids(model: torch.nn.Module, src_ids: Sequence[list[int]], decode: DecodeConfig,
+                  device: torch.device, max_sentences: int = 64, max_tokens: int = 0,
+                  autocast_dtype: Optional[torch.dtype] = None) -> list[list[list[int]]]:
+    """Decode id sequences in length-sorted batches; returns, in input order, the n-best token lists."""
+    nbest = translate_hypotheses(model, src_ids, decode, device, max_sentences, max_tokens, autocast_dtype)
+    return [[h.tokens for h in sent] for sent in nbest]
 
 
 def translate_lines(model: torch.nn.Module, tokenizer: Tokenizer, lines: Sequence[str], decode: DecodeConfig,
