@@ -69,11 +69,13 @@ def source_ignored(valid: Sequence[Row], warmup: int, cfg: Optional[Config], pea
         "since_step": int(first["step"]), "src_gain": last.get("valid_src_gain"),
         "distinct": last.get("valid_distinct"), "lr_then": first.get("lr")})
     f.details.append(f"from step {int(first['step'])} to the last validation (step {int(last['step'])}), after "
-                     f"warmup: valid_src_gain {last.get('valid_src_gain')} nats/token (threshold {th.src_gain}), "
+                     f"warmup: valid_src_gain {_g(last.get('valid_src_gain'))} nats/token (threshold {th.src_gain:g}), "
                      f"distinct dev translations {_pct(last.get('valid_distinct'))} (threshold {_pct(th.distinct)})")
-    f.details.append(f"dev loss {last['valid_loss']:.3f} may look healthy, but a blank source predicts the "
-                     "references almost as well: the decoder is an English language model, so loss, "
-                     "perplexity and accuracy below say little about translation")
+    lowest = min((r["valid_loss"] for r in valid if finite(r.get("valid_loss"))), default=math.inf)
+    looks = "may look healthy, but" if last["valid_loss"] <= 1.05 * lowest else "aside,"
+    f.details.append(f"dev loss {last['valid_loss']:.3f} {looks}, a blank source predicts the references almost "
+                     "as well: the decoder acts as an English language model, so dev loss, perplexity and "
+                     "accuracy say little about translation here")
     f.details.append(f"at step {int(first['step'])}: {lr_context(cfg, first.get('lr'), peak)}")
     if cfg is not None:
         if peak and peak > 2e-4:
@@ -82,7 +84,7 @@ def source_ignored(valid: Sequence[Row], warmup: int, cfg: Optional[Config], pea
             f.recommendations.append("the peak LR is already low: check that source and target lines are aligned")
         if cfg.model.norm == "post":
             f.recommendations.append("use model.norm=pre: post-norm Transformers need a gentler LR to learn attention")
-        f.recommendations.append(f"a longer warmup (optim.warmup_steps={2 * max(cfg.optim.warmup_steps, 500)})")
+        f.recommendations.append(f"a longer warmup (optim.warmup_steps={2 * max(cfg.optim.warmup_steps, 1)})")
     return f
 
 
@@ -101,7 +103,7 @@ def divergence(train: Sequence[Row], valid: Sequence[Row], summary: dict, cfg: O
         f.recommendations.append(f"lower the peak LR ({lower_lr_advice(cfg)})")
         if cfg.train.clip_norm == 0:
             f.recommendations.append("clip gradients: train.clip_norm=1.0")
-        f.recommendations.append(f"or a longer warmup (optim.warmup_steps={2 * max(cfg.optim.warmup_steps, 500)})")
+        f.recommendations.append(f"or a longer warmup (optim.warmup_steps={2 * max(cfg.optim.warmup_steps, 1)})")
     return f
 
 
@@ -237,6 +239,10 @@ def warmup_vs_epoch(warmup: int, per_epoch: Optional[float], cfg: Optional[Confi
             tip += f" with optim.factor={same:.3g} to keep the same peak (noam's peak grows as warmup shrinks)"
         f.recommendations.append(tip)
     return f
+
+
+def _g(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def _pct(x: Optional[float]) -> str:

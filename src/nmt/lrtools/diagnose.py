@@ -134,8 +134,12 @@ def source_use_line(valid: list[Row], warmup: int, th: Thresholds) -> str:
                 "src_gain is expected")
     r = after[-1]
     return (f"source use at the last validation (step {int(r['step'])}): valid_src_gain "
-            f"{_num(r.get('valid_src_gain'))} nats/token (threshold {th.src_gain:g}), distinct dev translations "
-            f"{_num(r.get('valid_distinct'))} (threshold {th.distinct:g})")
+            f"{_g(r.get('valid_src_gain'))} nats/token (threshold {th.src_gain:g}), distinct dev translations "
+            f"{_g(r.get('valid_distinct'))} (threshold {th.distinct:g})")
+
+
+def _g(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def _num(x: Optional[float]) -> str:
