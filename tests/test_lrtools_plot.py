@@ -31,6 +31,7 @@ def test_noam_warmup_4000_ends_after_1_23_epochs_of_3262_batches(tmp_path, capsy
     five = lr_at(16310, cfg.optim, 512)                 # end of epoch 5 = step 5 * 3262
     assert f"end of epoch 5 (step 16,310): LR {five:.2e} = {100 * five / peak:.1f}% of peak" in out
     assert "warmup (4,000 steps) is longer than one epoch" in out
+    assert "warmup takes" not in out          # 4,000 of 30 epochs' 97,860 updates
     rows = read_csv(tmp_path / "lr_schedule.csv")
     assert len(rows) == 20000 and rows[0]["step"] == "1"
     for r in rows[::97]:
@@ -65,6 +66,7 @@ def test_batches_per_epoch_from_real_data(tmp_path, capsys, data_root, monkeypat
     out = capsys.readouterr().out
     assert "the tokenizer is trained on first use and cached" in out
     assert "computed from 300 training pairs" in out
+    assert "training stops at step 100, before warmup ends" in out
     assert len(read_csv(tmp_path / "lr_schedule.csv")) == 100          # default --steps: the training length
 
 

@@ -112,6 +112,11 @@ def schedule_facts(cfg: Config, lrs: Sequence[float], per_epoch: float,
     if cfg.optim.name == "plateau":
         facts.notes.append("plateau: the reductions depend on validation results, so the plot shows the LR "
                            "before any reduction (an upper bound)")
+    if total and facts.warmup_steps >= total:
+        facts.notes.append(f"training stops at step {total:,}, before warmup ends: the peak LR is never reached")
+    elif total and facts.warmup_steps > 0.25 * total:
+        facts.notes.append(f"warmup takes {100 * facts.warmup_steps / total:.0f}% of training "
+                           f"({facts.warmup_steps:,} of {total:,} updates): the peak LR comes late")
     if facts.warmup_steps > per_epoch:
         facts.notes.append(f"warmup ({facts.warmup_steps:,} steps) is longer than one epoch "
                            f"({per_epoch:,.0f} updates): the first epoch trains at a low LR")
