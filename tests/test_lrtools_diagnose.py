@@ -105,9 +105,15 @@ def test_out_dir_and_run_without_config(tmp_path, capsys):
     assert (tmp_path / "elsewhere" / "diagnosis.json").is_file() and not (run / "diagnosis.json").exists()
 
 
+def header_only(p):
+    (p / "metrics.csv").write_text("step,epoch,lr,loss\n", encoding="utf-8")
+    return p
+
+
 @pytest.mark.parametrize("setup,message", [
     (lambda p: p / "missing", "does not exist"),
     (lambda p: p, "has no metrics.csv"),
+    (header_only, "has no training or validation rows yet"),
 ])
 def test_one_line_errors(tmp_path, capsys, setup, message):
     assert main(["diagnose", str(setup(tmp_path))]) == 2

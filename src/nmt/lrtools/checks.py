@@ -254,7 +254,8 @@ def collect(findings: Sequence[Optional[Finding]]) -> list[Finding]:
     out = sorted((f for f in findings if f is not None), key=lambda f: ORDER.index(f.code))
     if not any(f.severity in ("problem", "warning") for f in out):
         out.append(Finding("healthy", "note", "no problem found", details=[
-            "the source is used, the loss fell without diverging, and the logged LR follows the schedule"]))
+            "no check found a problem: source use, divergence, LR formula, overfitting, plateaus, gradient "
+            "norms (the facts below say what could be measured)"]))
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from nmt.early_stopping import METRICS
-from nmt.lrtools import checks
+from nmt.lrtools import LRToolError, checks
 from nmt.lrtools.checks import Finding, Thresholds
 from nmt.lrtools.figures import pyplot, save
 from nmt.lrtools.lrcheck import LRCheck, check_logged_lr, total_steps
@@ -65,6 +65,8 @@ def best_validation(run: Run) -> Optional[Row]:
 
 def diagnose(run: Run, th: Thresholds = Thresholds()) -> Diagnosis:
     cfg, train, valid = run.cfg, run.train_rows, run.valid_rows
+    if not train and not valid:
+        raise LRToolError(f"{run.path / 'metrics.csv'} has no training or validation rows yet: nothing to diagnose")
     per_epoch = updates_per_epoch(run)
     warmup = warmup_end(cfg.optim) if cfg else 0
     peak = peak_lr(cfg.optim, cfg.model.d_model) if cfg else run.summary.get("peak_lr")
