@@ -64,6 +64,12 @@ def test_source_ignored_is_reported_first(tmp_path, capsys):
     assert "peak LR" in md and "warmup 100 steps" in md and "share_embeddings=all" in md
 
 
+def test_few_distinct_translations_count_as_source_ignored(tmp_path, capsys):
+    js, md, _ = diagnose(tmp_path, capsys, "few_distinct")
+    assert js["findings"][0] == "source_ignored" and "few distinct translations" in js["details"][0]["title"]
+    assert "blank source" not in md
+
+
 def test_lr_mismatch_catches_a_10x_factor_typo(tmp_path, capsys):
     js, md, _ = diagnose(tmp_path, capsys, "healthy", lr_scale=10.0)   # trained with factor 10, config says 1
     assert "lr_mismatch" in js["findings"] and "healthy" not in js["findings"]

@@ -69,6 +69,10 @@ def ignored_valid(s: int) -> dict:
     return v
 
 
+def few_distinct_valid(s: int) -> dict:
+    return {**healthy_valid(s), "valid_distinct": 0.3}   # the source helps, but outputs repeat
+
+
 def spike_train(s: int) -> tuple[float, float]:
     loss, g = healthy_train(s)
     return loss, g * 20 if s == 600 else g
@@ -80,6 +84,7 @@ SCENARIOS: dict[str, tuple[Callable, Callable]] = {
     "diverged": (diverge_train, diverge_valid),
     "source_ignored": (healthy_train, ignored_valid),
     "grad_spikes": (spike_train, healthy_valid),
+    "few_distinct": (healthy_train, few_distinct_valid),
 }
 
 

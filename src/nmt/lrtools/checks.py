@@ -65,17 +65,26 @@ def source_ignored(valid: Sequence[Row], warmup: int, cfg: Optional[Config], pea
     while start > 0 and bad(after[start - 1]):
         start -= 1
     first, last = after[start], after[-1]
-    f = Finding("source_ignored", "problem", "the model ignores its source sentence", data={
-        "since_step": int(first["step"]), "src_gain": last.get("valid_src_gain"),
-        "distinct": last.get("valid_distinct"), "lr_then": first.get("lr")})
+    gain = last.get("valid_src_gain")
+    blind = gain is not None and gain < th.src_gain
+    title = "the model ignores its source sentence" if blind else \
+        "few distinct translations: the output barely depends on the source"
+    f = Finding("source_ignored", "problem", title, data={
+        "since_step": int(first["step"]), "src_gain": gain, "distinct": last.get("valid_distinct"),
+        "lr_then": first.get("lr")})
     f.details.append(f"from step {int(first['step'])} to the last validation (step {int(last['step'])}), after "
-                     f"warmup: valid_src_gain {_g(last.get('valid_src_gain'))} nats/token (threshold {th.src_gain:g}), "
+                     f"warmup: valid_src_gain {_g(gain)} nats/token (threshold {th.src_gain:g}), "
                      f"distinct dev translations {_pct(last.get('valid_distinct'))} (threshold {_pct(th.distinct)})")
     lowest = min((r["valid_loss"] for r in valid if finite(r.get("valid_loss"))), default=math.inf)
     looks = "may look healthy, but" if last["valid_loss"] <= 1.05 * lowest else "aside,"
-    f.details.append(f"dev loss {last['valid_loss']:.3f} {looks}, a blank source predicts the references almost "
-                     "as well: the decoder acts as an English language model, so dev loss, perplexity and "
-                     "accuracy say little about translation here")
+    if blind:
+        f.details.append(f"dev loss {last['valid_loss']:.3f} {looks}, a blank source predicts the references "
+                         "almost as well: the decoder acts as an English language model, so dev loss, perplexity "
+                         "and accuracy say little about translation here")
+    else:
+        f.details.append("the source lowers the dev loss, but greedy decoding maps many sentences to the same "
+                         "output: the decoder leans on a few generic sentences, so loss and accuracy overstate "
+                         "translation quality")
     f.details.append(f"at step {int(first['step'])}: {lr_context(cfg, first.get('lr'), peak)}")
     if cfg is not None:
         if peak and peak > 2e-4:
