@@ -107,11 +107,12 @@ def test_end_to_end_keeps_lines_aligned_and_warns(run_dir, tmp_path):
     assert "truncated 1 input line(s)" in err and "line(s) 6;" in err
 
 
-def test_broken_pipe_exits_quietly(ckpt, tmp_path):
+def test_stdin_and_broken_pipe_exit_quietly(ckpt, tmp_path):
     src = write(tmp_path / "in.ko", [KO[0]] + [""] * 20000)    # more than one chunk of output
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "translate.py"), "--checkpoint", str(ckpt),
-                             "--input", str(src), *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    with open(src, "rb") as stdin:
+        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "translate.py"), "--checkpoint", str(ckpt),
+                                 *FAST], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert proc.stdout.readline()
     proc.stdout.close()                                        # like `| head -1`
     err = proc.stderr.read().decode()

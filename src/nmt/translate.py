@@ -158,33 +158,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nmt-translate", description=(
         "Translate Korean lines into English with an nmt checkpoint. Output line i is the translation "
         "of input line i. Search settings default to those stored in the checkpoint."))
-    p.add_argument("--checkpoint", required=True, help="a .pt file, or a run directory (its checkpoints/best.pt)")
-    p.add_argument("--input", help="input file (default: stdin; interactive when stdin is a terminal)")
-    p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a .pt file, or a run directory (its checkpoints/best.pt)")
+    p.add_argument("--input", metavar="FILE", help="input file (default: stdin; interactive on a terminal)")
+    p.add_argument("--output", metavar="FILE", help="output file (default: stdout)")
     s = p.add_argument_group("search (default: the checkpoint's settings)")
-    s.add_argument("--beam-size", type=int)
-    s.add_argument("--length-penalty", type=float)
+    s.add_argument("--beam-size", type=int, metavar="N", help="1 = greedy")
+    s.add_argument("--length-penalty", type=float, metavar="X", help="> 1 favours longer outputs (beam search)")
     s.add_argument("--length-penalty-mode", choices=("power", "gnmt"))
-    s.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already generated")
-    s.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this many tokens (0 = off)")
-    s.add_argument("--min-len", type=int, help="tokens generated before EOS is allowed")
-    s.add_argument("--max-len-a", type=float, help="max length = a * source length + b")
-    s.add_argument("--max-len-b", type=int)
-    s.add_argument("--nbest", type=int, help="print N hypotheses per line as LINE<TAB>SCORE<TAB>TEXT")
+    s.add_argument("--repetition-penalty", type=float, metavar="X", help="> 1 discourages tokens already generated")
+    s.add_argument("--no-repeat-ngram-size", type=int, metavar="N", help="never repeat a token n-gram (0 = off)")
+    s.add_argument("--min-len", type=int, metavar="N", help="tokens generated before EOS is allowed")
+    s.add_argument("--max-len-a", type=float, metavar="A", help="at most A * source tokens + B tokens")
+    s.add_argument("--max-len-b", type=int, metavar="B")
+    s.add_argument("--nbest", type=int, metavar="N", help="N hypotheses per line as LINE<TAB>SCORE<TAB>TEXT")
     s.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=None,
                    help="sample instead of searching (implies --beam-size 1)")
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
+    s.add_argument("--temperature", type=float, metavar="X")
+    s.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens (0 = all)")
+    s.add_argument("--top-p", type=float, metavar="P", help="... from the smallest set with probability >= P")
     s.add_argument("--seed", type=int, default=1, help="random seed for --sampling (default: 1)")
     r = p.add_argument_group("running")
-    r.add_argument("--batch-size", type=int, help="sentences per batch (default: 64, or no limit with --max-tokens)")
-    r.add_argument("--max-tokens", type=int, help="padded source tokens per batch")
+    r.add_argument("--batch-size", type=int, metavar="N",
+                   help="sentences per batch (default: 64, or no limit with --max-tokens)")
+    r.add_argument("--max-tokens", type=int, metavar="N", help="padded source tokens per batch")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    r.add_argument("--threads", type=int, help="CPU threads for torch")
+    r.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
     r.add_argument("--quiet", action="store_true", help="no progress bar or information messages")
     e = p.add_argument_group("evaluation (printed to stderr)")
-    e.add_argument("--reference", help="reference translations: print sacrebleu BLEU, chrF and TER")
+    e.add_argument("--reference", metavar="FILE", help="reference translations: print sacrebleu BLEU, chrF and TER")
     e.add_argument("--report-repetition", action="store_true",
                    help="print the share of sentences with a repeated word trigram and the length ratios")
     return p
@@ -213,9 +215,10 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "max_tokens", "threads"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     for what, path in (("input", args.input), ("reference", args.reference)):
-        if path is not None and not Path(path).is_file():
+        if path is not None and (not Path(path).exists() or Path(path).is_dir()):
             raise InputError(f"{what} file not found: {path}")
-    if args.input and args.reference:  # fail before translating, not after
+    # fail before translating, not after (not on pipes such as <(zcat x.gz): counting would use them up)
+    if args.input and args.reference and Path(args.input).is_file() and Path(args.reference).is_file():
         n_in, n_ref = count_lines(Path(args.input)), count_lines(Path(args.reference))
         if n_in != n_ref:
             raise InputError(f"the reference {args.reference} has {n_ref} lines but the input {args.input} has {n_in}")
@@ -280,7 +283,7 @@ def _progress(args: argparse.Namespace, interactive: bool):
     from tqdm import tqdm
 
     off = args.quiet or interactive or not sys.stderr.isatty()
-    total = count_lines(Path(args.input)) if args.input and not off else None
+    total = count_lines(Path(args.input)) if args.input and not off and Path(args.input).is_file() else None
     return tqdm(total=total, unit=" lines", disable=off, file=sys.stderr, dynamic_ncols=True)
 
 
