@@ -265,6 +265,7 @@ def run(args: argparse.Namespace) -> None:
             bar.update(len(chunk))
             if interactive:
                 notes.report()
+        bar.close()  # before the warnings, so that they do not land inside the bar's line
         if interactive:
             sys.stderr.write("\n")
         notes.report()
