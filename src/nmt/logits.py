@@ -3,7 +3,10 @@
 Shapes: N = hypotheses (batch * beam), V = vocabulary, L = tokens so far.
 ``history`` [N, L] holds each hypothesis' tokens so far (it may start with BOS
 and may be right-padded with PAD). Every function returns a new tensor and
-leaves its inputs untouched, so search code can chain them freely.
+leaves its inputs untouched, unless called with ``inplace=True``: the search
+loop uses that on its own scratch tensors, because a fresh [N, V] tensor per
+step costs more in page faults (~2 ms for 160 x 8000 floats) than the
+arithmetic itself.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ NEG_INF = float("-inf")
 
 
 def apply_repetition_penalty(scores: Tensor, history: Tensor, penalty: float,
-                             ignore_ids: Sequence[int] = (2, 0)) -> Tensor:
+                             ignore_ids: Sequence[int] = (2, 0), inplace: bool = False) -> Tensor:
     """CTRL repetition penalty (Keskar et al., 2019), as Hugging Face applies it.
 
     scores [N, V] are LOGITS (call this before ``log_softmax``): for every
@@ -36,10 +39,10 @@ def apply_repetition_penalty(scores: Tensor, history: Tensor, penalty: float,
         ignored = torch.isin(history, torch.tensor(list(ignore_ids), device=history.device))
         penalised = torch.where(ignored, seen, penalised)
     # duplicates in history write the same value, so each token counts once
-    return scores.scatter(1, history, penalised)
+    return scores.scatter_(1, history, penalised) if inplace else scores.scatter(1, history, penalised)
 
 
-def block_repeated_ngrams(scores: Tensor, history: Tensor, n: int) -> Tensor:
+def block_repeated_ngrams(scores: Tensor, history: Tensor, n: int, inplace: bool = False) -> Tensor:
     """Ban (-inf) every token that would complete an n-gram already in ``history``.
 
     scores [N, V], history [N, L] -> [N, V]. The next n-gram is the last
@@ -55,7 +58,8 @@ def block_repeated_ngrams(scores: Tensor, history: Tensor, n: int) -> Tensor:
     match = (grams[:, :, :-1] == suffix[:, None, :]).all(dim=-1)         # [N, W]
     # min-reduce: -inf wherever at least one matching n-gram names the token
     ban = torch.where(match, NEG_INF, float("inf")).to(scores.dtype)
-    return scores.scatter_reduce(1, grams[:, :, -1], ban, reduce="amin", include_self=True)
+    reduce = scores.scatter_reduce_ if inplace else scores.scatter_reduce
+    return reduce(1, grams[:, :, -1], ban, reduce="amin", include_self=True)
 
 
 def forbid_tokens(scores: Tensor, token_ids: Sequence[int], rows: Union[Tensor, bool] = True) -> Tensor:

@@ -50,23 +50,32 @@ def max_lengths(src_mask: Tensor, cfg: DecodeConfig, max_positions: int) -> Tens
     return limit.clamp(min=1, max=max(1, max_positions - 1))
 
 
-def next_logprobs(logits: Tensor, history: Tensor, step: int, cfg: DecodeConfig,
-                  bos_id: int, eos_id: int, pad_id: int, temperature: float = 1.0) -> Tensor:
+def next_logprobs(logits: Tensor, history: Tensor, step: int, cfg: DecodeConfig, bos_id: int, eos_id: int,
+                  pad_id: int, temperature: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
     """Processed next-token log-probs [N, V] from last-position logits [N, V].
 
     history [N, t+1] starts with BOS; ``step`` = t tokens generated so far.
+    With ``out`` (float32 [N, V]) the result is written there and ``logits``
+    is overwritten as scratch: the search loop then allocates no [N, V]
+    tensor per step besides the model's logits.
     """
+    inplace = out is not None
     logits = logits.float()
     if cfg.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty, (bos_id, pad_id))
+        logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty, (bos_id, pad_id), inplace)
     if temperature != 1.0:
-        logits = logits / temperature
-    lprobs = F.log_softmax(logits, dim=-1)
+        logits = logits.div_(temperature) if inplace else logits / temperature
+    lprobs = torch.log_softmax(logits, dim=-1, out=out) if inplace else F.log_softmax(logits, dim=-1)
     if cfg.no_repeat_ngram_size > 0:
-        lprobs = block_repeated_ngrams(lprobs, history, cfg.no_repeat_ngram_size)
+        lprobs = block_repeated_ngrams(lprobs, history, cfg.no_repeat_ngram_size, inplace=True)
     banned = [bos_id, pad_id] + ([eos_id] if step < cfg.min_len else [])
-    lprobs[:, banned] = NEG_INF  # lprobs is a fresh tensor here: in place is safe
+    lprobs[:, banned] = NEG_INF  # lprobs is ours (fresh or ``out``): in place is safe
     return lprobs
+
+
+def _scratch(rows: int, logits: Tensor) -> Tensor:
+    """Float32 [rows, V] buffer for the processed log-probs, reused every step (``[:n]`` views)."""
+    return torch.empty((rows, logits.shape[-1]), dtype=torch.float32, device=logits.device)
 
 
 def search(model, src: Tensor, src_mask: Tensor, cfg: DecodeConfig, bos_id: int = 2, eos_id: int = 3,
@@ -100,11 +109,13 @@ def greedy_search(model, src: Tensor, src_mask: Tensor, cfg: DecodeConfig, bos_i
         length = torch.zeros(b, dtype=torch.long, device=device)
         rows = torch.arange(b, device=device)            # sentence of each active row
         hist = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
-        memory, mask, cache = model.encode(src, src_mask), src_mask, None
+        memory, mask, cache, work = model.encode(src, src_mask), src_mask, None, None
         temperature = cfg.temperature if cfg.sampling else 1.0
         for step in range(steps):
             logits, cache = model.decode(hist[:, -1:], memory if cache is None else None, mask, cache)
-            lprobs = next_logprobs(logits[:, -1], hist, step, cfg, bos_id, eos_id, pad_id, temperature)
+            work = _scratch(b, logits) if work is None else work
+            lprobs = next_logprobs(logits[:, -1], hist, step, cfg, bos_id, eos_id, pad_id, temperature,
+                                   out=work[:hist.shape[0]])
             if cfg.sampling:
                 probs = top_k_top_p_filter(lprobs, cfg.top_k, cfg.top_p).softmax(dim=-1)
                 tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -184,14 +195,15 @@ def beam_search(model, src: Tensor, src_mask: Tensor, cfg: DecodeConfig, bos_id:
         sent = torch.arange(b, device=device)              # active sentences [Ba]
         hist = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
         scores = torch.zeros((b, 1), device=device)        # [Ba, beams]; one beam before step 0
-        memory, mask, cache = model.encode(src, src_mask), src_mask, None
+        memory, mask, cache, work = model.encode(src, src_mask), src_mask, None, None
         for step in range(steps):
             logits, cache = model.decode(hist[:, -1:], memory if cache is None else None, mask, cache)
-            lprobs = next_logprobs(logits[:, -1], hist, step, cfg, bos_id, eos_id, pad_id)
+            work = _scratch(b * k, logits) if work is None else work
+            lprobs = next_logprobs(logits[:, -1], hist, step, cfg, bos_id, eos_id, pad_id, out=work[:hist.shape[0]])
             ba, beams, v = scores.shape[0], scores.shape[1], lprobs.shape[1]
             if v < 2 * k:
                 raise ValueError(f"beam_size={k} needs a target vocabulary of at least {2 * k} tokens, got {v}")
-            cand = (scores.reshape(-1, 1) + lprobs).view(ba, beams * v)
+            cand = lprobs.add_(scores.reshape(-1, 1)).view(ba, beams * v)
             top, idx = cand.topk(2 * k, dim=1)                               # [Ba, 2K], best first
             beam, tok = idx // v, idx % v
             rows = torch.arange(ba, device=device)[:, None] * beams + beam   # rows of hist/cache
