@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -107,10 +109,12 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_crc(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's first sentence says what failed; the rest is advice about its own internals
+        reason = re.split(r"(?<=\.)\s", str(e).strip())[0].rstrip(".") if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise CheckpointError(f"refusing to load {path}: it contains pickled code or objects that are not "
                                   f"plain data (a checkpoint from an untrusted source?)") from e
@@ -121,6 +125,24 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
         if key not in obj:
             raise CheckpointError(f"{path} is incomplete: missing '{key}'")
     return obj
+
+
+def _check_crc(path: Path) -> None:
+    """Verify the CRC-32 of every member of a zip-format checkpoint (torch's own reader skips it).
+
+    Files that are not zip archives (cut short, or torch's legacy format) are
+    left to ``torch.load``, which reports them.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: member {bad!r} fails its CRC-32 check "
+                              "(bytes changed on disk or in transfer)")
 
 
 def candidate_checkpoints(folder: Path) -> list[Path]:
@@ -150,7 +172,7 @@ def load_resume_checkpoint(path: Path) -> tuple[dict, Path]:
             if "refusing to load" in str(e):
                 raise
             errors.append(str(e))
-            log.warning("skipping %s: %s", cand, e)
+            log.warning("%s; trying an older checkpoint", e)
             continue
         if errors:
             log.warning("resuming from %s (step %d) because a newer checkpoint was unreadable", cand, obj["step"])
