@@ -2,9 +2,12 @@
 
 Checkpoints are written atomically (temporary file in the same folder, fsync,
 ``os.replace``), so a crash or a kill at any moment leaves either the old file
-or the new one, never a half-written one. They are read with
-``torch.load(..., weights_only=True)``: a file that carries pickled code is
-refused instead of executed.
+or the new one, never a half-written one; ``last.pt`` is written after the
+other files of the same step, so it is the commit point of a save. They are
+read with ``torch.load(..., weights_only=True)``: a file that carries pickled
+code is refused instead of executed. Before that, the CRC-32 of every member of
+the zip container is checked, because torch itself does not: a flipped byte in
+the tensor data would otherwise load silently as a different model.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "nmt-checkpoint-1"
 STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+TEMP_GLOB = ".*.pt.*.tmp"       # atomic_save's temporaries, left behind by a killed process
 
 
 class CheckpointError(Exception):
@@ -48,6 +52,8 @@ def atomic_save(obj: dict, path: Path) -> None:
         raise CheckpointError(f"refusing to write {path}: the model has non-finite (NaN/inf) weights")
     tmp: Optional[str] = None
     try:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise CheckpointError(f"could not write checkpoint {path}: {path.parent} exists and is not a folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
@@ -86,12 +92,38 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, obj: dict, *, best: bool = False, periodic: bool = False) -> None:
-        atomic_save(obj, self.folder / "last.pt")
+        """Write the files of one step; ``last.pt`` goes last.
+
+        A kill between two of these writes then leaves ``last.pt`` at the
+        previous step, and resuming from it redoes this step and rewrites
+        ``best.pt``; never a ``last.pt`` whose early-stopping state names a
+        best step that ``best.pt`` does not hold.
+        """
         if best:
             atomic_save(obj, self.folder / "best.pt")
         if periodic and self.keep_last > 0:
             atomic_save(obj, self.folder / f"step-{obj['step']}.pt")
             self._prune()
+        atomic_save(obj, self.folder / "last.pt")
+
+    def prepare(self) -> None:
+        """Before training: fail now if the folder cannot be written, not hours later at the
+        first save; remove temporaries that a killed process left behind."""
+        probe = self.folder / ".write-test.tmp"
+        try:
+            if self.folder.exists() and not self.folder.is_dir():
+                raise CheckpointError(f"cannot write checkpoints into {self.folder}: it exists and is not a folder")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoints into {self.folder}: {e.strerror or e}") from e
+        stale = sorted(self.folder.glob(TEMP_GLOB))
+        for p in stale:
+            p.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d unfinished checkpoint temporary file(s) from %s (left by a killed run)",
+                     len(stale), self.folder)
 
     def periodic_files(self) -> list[Path]:
         """``step-N.pt`` files, oldest first."""

@@ -47,12 +47,14 @@ class Trainer:
         self.amp = autocast_dtype(cfg.precision, self.device)
         configure_backends(self.device)
         seed_everything(cfg.train.seed)
+        t = cfg.train
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
+        self.ckpt.prepare()                    # an unwritable folder fails now, not at the first save
         resume = self._find_resume()
         tokenizer = Tokenizer.from_state(resume["tokenizer"]) if resume else None
         self.data: PreparedData = prepare_data(cfg, tokenizer)
         self.tok = self.data.tokenizer
         self.tok.save(self.run_dir / "tokenizer")
-        t = cfg.train
         self.sampler = TokenBatchSampler(self.data.train_src_lens, self.data.train_tgt_lens, t.max_tokens,
                                          seed=t.seed, bucket_size=t.bucket_size)
         self.model = Transformer(cfg.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size, PAD).to(self.device)
@@ -60,7 +62,6 @@ class Trainer:
         self.total_steps = total
         self.opt: ScheduledOptimizer = build_optimizer(self.model.parameters(), cfg.optim, cfg.model.d_model, total)
         self.stopper = EarlyStopping(t.early_stopping.metric, t.early_stopping.patience, t.early_stopping.min_delta)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
         self.last_valid: dict[str, float] = {}
         self.dev_batches = make_batches(self.data.dev_src, self.data.dev_tgt, t.max_tokens)
