@@ -36,7 +36,8 @@ class CheckpointError(Exception):
 
 
 # ----------------------------------------------------------------------------- writing
-def _all_finite(state_dict: dict) -> bool:
+def all_finite(state_dict: dict) -> bool:
+    """True when every floating-point tensor of ``state_dict`` is free of NaN and inf."""
     return all(torch.isfinite(t).all().item() for t in state_dict.values()
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
@@ -48,7 +49,7 @@ def atomic_save(obj: dict, path: Path) -> None:
     the previous file at ``path`` is left intact, and CheckpointError says why.
     """
     path = Path(path)
-    if "model" in obj and not _all_finite(obj["model"]):
+    if "model" in obj and not all_finite(obj["model"]):
         raise CheckpointError(f"refusing to write {path}: the model has non-finite (NaN/inf) weights")
     tmp: Optional[str] = None
     try:

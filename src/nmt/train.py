@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from nmt.batching import TokenBatchSampler, collate
-from nmt.checkpoint import (FORMAT, CheckpointManager, check_compatible, load_resume_checkpoint)
+from nmt.checkpoint import FORMAT, CheckpointManager, all_finite, check_compatible, load_resume_checkpoint
 from nmt.config import Config, from_dict, to_dict
 from nmt.data import PreparedData, prepare_data
 from nmt.early_stopping import EarlyStopping
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainingError(Exception):
-    """Training cannot go on (e.g. too many non-finite updates in a row)."""
+    """Training cannot go on (too many non-finite updates in a row, non-finite weights)."""
 
 
 class Trainer:
@@ -178,7 +178,11 @@ class Trainer:
         norm = float(norm)
         ok = math.isfinite(loss_sum) and math.isfinite(norm)
         if ok:
-            self.opt.step()
+            try:
+                self.opt.step()
+            except RuntimeError as e:  # e.g. an LR beyond float32's range: "cannot be converted ... overflow"
+                self._abort(f"the optimizer update failed at step {self.step + 1} with learning rate "
+                            f"{self.opt.lr:.3g}: {str(e).splitlines()[0]}", "optimizer update failed")
         else:
             self.opt.zero_grad()
         return loss_sum / max(total, 1), norm, total, ok
@@ -189,13 +193,17 @@ class Trainer:
         log.warning("non-finite update skipped at step %d (loss %s, grad norm %s); %d in a row, %d in total",
                     self.step + 1, loss, norm, self.bad_in_row, self.skipped)
         if self.bad_in_row >= self.cfg.train.max_bad_steps:
-            self.write_summary(f"diverged: {self.bad_in_row} non-finite updates in a row", 0.0, diverged=True)
-            self.metrics.close()
-            raise TrainingError(
-                f"aborting: {self.bad_in_row} non-finite updates in a row at step {self.step + 1} "
-                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); the learning rate is probably too high "
-                f"(current {self.opt.lr:.3g}). No checkpoint was written after the last good step.")
+            self._abort(f"{self.bad_in_row} non-finite updates in a row at step {self.step + 1} "
+                        f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); the learning rate is probably too "
+                        f"high (current {self.opt.lr:.3g}). No checkpoint was written after the last good step.",
+                        f"{self.bad_in_row} non-finite updates in a row")
         return None
+
+    def _abort(self, message: str, reason: str) -> None:
+        """Record a diverged run in summary.json and stop with TrainingError (exit code 3)."""
+        self.write_summary(f"diverged: {reason}", 0.0, diverged=True)
+        self.metrics.close()
+        raise TrainingError(f"aborting: {message}")
 
     # ------------------------------------------------------------------ logging, validation, checkpoints
     def _log_train(self, w: dict, bar) -> None:
@@ -252,6 +260,12 @@ class Trainer:
         return None
 
     def _save(self, best: bool = False, periodic: bool = False) -> None:
+        # an update can leave NaN/inf weights even when its loss and gradient were finite; such a model
+        # is lost (every later loss is NaN), so stop here and keep the earlier checkpoints as they are
+        if not all_finite(self.model.state_dict()):
+            self._abort(f"the weights became non-finite (NaN/inf) by step {self.step}; nothing was saved, the "
+                        f"checkpoints in {self.ckpt.folder} are from earlier steps. Lower the learning rate "
+                        f"(current {self.opt.lr:.3g}).", "non-finite weights")
         self.ckpt.save({
             "format": FORMAT, "model": self.model.state_dict(), "config": to_dict(self.cfg),
             "tokenizer": self.tok.to_state(), "decode": to_dict(self.cfg.decode), "step": self.step,
