@@ -110,7 +110,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         t = self.cfg.train
-        reason = None
+        reason = self._already_done()          # a resumed run may have ended just before it was killed
         window = {"loss": 0.0, "tokens": 0, "real": 0, "padded": 0, "norm": 0.0, "n": 0, "t0": time.time()}
         start = time.time()
         bar = _progress(t.progress, self.total_steps, self.step)
@@ -151,6 +151,21 @@ class Trainer:
                 else:
                     self._save()
         return self._finish(reason, time.time() - start)
+
+    def _already_done(self) -> Optional[str]:
+        t = self.cfg.train
+        if t.max_steps and self.step >= t.max_steps:
+            return f"reached train.max_steps={t.max_steps}"
+        if t.max_epochs and self.sampler.epoch >= t.max_epochs:
+            return f"reached train.max_epochs={t.max_epochs}"
+        return self._early_stop_reason()
+
+    def _early_stop_reason(self) -> Optional[str]:
+        if not self.stopper.should_stop:
+            return None
+        return (f"early stopping: {self.stopper.metric} did not improve by more than {self.stopper.min_delta} "
+                f"for {self.stopper.patience} validations (best {self.stopper.best:.4f} at step "
+                f"{self.stopper.best_step})")
 
     def _next_group(self) -> Optional[list[list[int]]]:
         group = []
@@ -253,11 +268,7 @@ class Trainer:
                         "LR is too high for this model: try a lower optim.factor / optim.peak_lr or a longer warmup.",
                         m["valid_src_gain"], 100 * m["valid_distinct"])
         self._save(best=improved, periodic=True)
-        if not final and self.stopper.should_stop:
-            return (f"early stopping: {self.stopper.metric} did not improve by more than {self.stopper.min_delta} "
-                    f"for {self.stopper.patience} validations (best {self.stopper.best:.4f} at step "
-                    f"{self.stopper.best_step})")
-        return None
+        return None if final else self._early_stop_reason()
 
     def _save(self, best: bool = False, periodic: bool = False) -> None:
         # an update can leave NaN/inf weights even when its loss and gradient were finite; such a model
