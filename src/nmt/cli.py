@@ -13,6 +13,15 @@ log = logging.getLogger("nmt")
 EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
 
 
+def one_line(e: Exception) -> str:
+    """The first line of an error; OmegaConf's type errors get the key they are about in front
+    (theirs span several lines: "Value '/root' ... could not be converted to Integer / full_key: train.seed")."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else type(e).__name__
+    key = getattr(e, "full_key", None)
+    return f"{key}: {first}" if key and key not in first else first
+
+
 def run_training(dcfg: DictConfig) -> dict:
     """Validate the composed config and train in Hydra's run directory."""
     from hydra.core.hydra_config import HydraConfig
@@ -27,7 +36,7 @@ def run_training(dcfg: DictConfig) -> dict:
         cfg = to_config(dcfg)
         summary = train(cfg, run_dir)
     except (ConfigError, CorpusError, CheckpointError, TrainingError, ValueError) as e:
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         sys.exit(3 if isinstance(e, TrainingError) else 2)
     except KeyboardInterrupt:
         log.error("interrupted")
