@@ -99,4 +99,8 @@ def test_find_rejects_a_bad_range_before_loading_anything(capsys):
 def test_find_advice_for_other_schedules():
     from nmt.lrtools.find import Suggestion, advice
     lines = advice(compose_config(["optim=inverse_sqrt"]), Suggestion(1e-3, 1e-1, 3.0))
-    assert lines[-1] == "inverse_sqrt: optim.lr=0.001 sets that peak"
+    assert lines[-2] == "inverse_sqrt: optim.lr=0.001 sets that peak"
+    assert "sweep: python scripts/train.py -m optim.lr=0.001,0.0032,0.01 " in lines[-1]
+    noam = advice(compose_config(["optim=noam", "model=tiny", "optim.warmup_steps=200"]), Suggestion(1e-3, 1e-1, 3.0))
+    factors = [noam_factor_for_peak(p, 32, 200) for p in (1e-3, 1e-2)]
+    assert f"optim.factor={factors[0]:.2g}," in noam[-1] and f",{factors[1]:.2g} " in noam[-1]

@@ -188,6 +188,13 @@ def advice(cfg: Config, sug: Suggestion) -> list[str]:
                      f"(or optim.peak_lr={sug.recommended:.2g}) gives that peak")
     else:
         lines.append(f"{o.name}: optim.lr={sug.recommended:.2g} sets that peak")
+    if sug.steepest is not None and sug.min_over_10 is not None and sug.steepest != sug.min_over_10:
+        lo, hi = sorted((sug.steepest, sug.min_over_10))
+        peaks = [lo, math.sqrt(lo * hi), hi]
+        key, values = ("optim.factor", [noam_factor_for_peak(p, d_model, max(o.warmup_steps, 1)) for p in peaks]) \
+            if o.name == "noam" else ("optim.lr", peaks)
+        lines.append(f"to choose between the two, sweep: python scripts/train.py -m {key}="
+                     + ",".join(f"{v:.2g}" for v in values) + " then: python scripts/lr.py report multirun/...")
     return lines
 
 
