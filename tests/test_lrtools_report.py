@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nmt.lrtools.cli import main
-from nmt.lrtools.report import correlations, distinguishing_keys, override_map
+from nmt.lrtools.report import correlations, distinguishing_keys, edge_advice, override_map
 from nmt.lrtools.rundir import Run
 from nmt.lrtools.stats import pearson, ranks, spearman
 from test_lrtools_synth import make_cfg, write_run
@@ -40,6 +40,7 @@ def test_report_finds_the_best_run_and_flags_the_diverged_one(multirun, capsys):
     assert info["best"]["run"] == "1" and info["best"]["overrides"] == ["optim.factor=1.0", "optim.warmup_steps=100"]
     assert info["best"]["factor"] == 1.0 and info["best"]["peak_lr"] == pytest.approx((64 * 100) ** -0.5)
     assert [d["run"] for d in info["diverged"]] == ["3"] and "summary.json: diverged" in info["diverged"][0]["reason"]
+    assert info["source_ignored"] == [] and "lies inside the range tried" in info["advice"][0]
     c = info["correlation_with_log10_peak_lr"]["bleu"]
     assert c["n"] == 4 and -1 <= c["pearson"] <= 1 and -1 <= c["spearman"] <= 1
     with open(multirun / "summary.csv", newline="", encoding="utf-8") as f:
@@ -97,3 +98,10 @@ def test_statistics_against_hand_computed_values():
     rows = [{"peak_lr": lr, "best_bleu": b} for lr, b in ((1e-4, 10.0), (1e-3, 20.0), (1e-2, 30.0), (1e-1, math.nan))]
     c = correlations(rows)["bleu"]
     assert c == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0), "n": 3}
+
+
+def test_a_best_run_at_the_edge_of_the_sweep_asks_for_a_wider_sweep():
+    rows = [{"peak_lr": p} for p in (1e-4, 1e-3, 1e-2)]
+    assert "extend the sweep downwards" in edge_advice(rows, rows[0])[0]
+    assert "extend the sweep upwards" in edge_advice(rows, rows[2])[0]
+    assert edge_advice(rows[:2], rows[0]) == []          # two runs say nothing about an optimum

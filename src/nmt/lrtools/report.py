@@ -66,7 +66,9 @@ def summarize(run: Run, keys: list[str], root: Path) -> dict:
     div = checks.divergence(run.train_rows, valid, run.summary, None)
     nonfinite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
     reasons = (div.details if div else []) + ([f"non-finite {', '.join(nonfinite)}"] if nonfinite else [])
-    row.update(diverged=bool(reasons), diverged_reason="; ".join(reasons),
+    ignored = checks.source_ignored(valid, cfg.optim.warmup_steps if cfg else 0, cfg, row["peak_lr"],
+                                    checks.Thresholds(src_gain=cfg.train.src_gain_warn if cfg else 0.1))
+    row.update(source_ignored=ignored is not None, diverged=bool(reasons), diverged_reason="; ".join(reasons),
                stop_reason=run.summary.get("stop_reason", ""), overrides=" ".join(run.overrides))
     return row
 
@@ -105,9 +107,23 @@ def correlations(rows: list[dict]) -> dict:
     return out
 
 
+def edge_advice(rows: list[dict], best: Optional[dict]) -> list[str]:
+    """A best run at the lowest or highest peak LR tried means the optimum may lie beyond the sweep."""
+    peaks = sorted({r["peak_lr"] for r in rows if finite(r.get("peak_lr"))})
+    if best is None or len(peaks) < 3 or not finite(best.get("peak_lr")):
+        return []
+    if best["peak_lr"] == peaks[0]:
+        return [f"the best run has the lowest peak LR tried ({fmt_lr(peaks[0])}): extend the sweep downwards"]
+    if best["peak_lr"] == peaks[-1]:
+        return [f"the best run has the highest peak LR tried ({fmt_lr(peaks[-1])}): extend the sweep upwards"]
+    return [f"the best peak LR ({fmt_lr(best['peak_lr'])}) lies inside the range tried "
+            f"({fmt_lr(peaks[0])} to {fmt_lr(peaks[-1])})"]
+
+
 def insights(rows: list[dict], keys: list[str], metric: str) -> dict:
     best = best_row(rows, metric)
     return {
+        "advice": edge_advice(rows, best),
         "runs": len(rows), "metric": metric, "distinguishing_overrides": keys,
         "best": None if best is None else {
             "run": best["run"], "value": best[f"best_{metric}"], "best_step": best["best_step"],
@@ -115,6 +131,7 @@ def insights(rows: list[dict], keys: list[str], metric: str) -> dict:
             "warmup_steps": best["warmup_steps"], "overrides": best["overrides"].split()},
         "correlation_with_log10_peak_lr": correlations(rows),
         "diverged": [{"run": r["run"], "reason": r["diverged_reason"]} for r in rows if r["diverged"]],
+        "source_ignored": [r["run"] for r in rows if r["source_ignored"]],
     }
 
 
@@ -140,7 +157,7 @@ def to_markdown(rows: list[dict], keys: list[str], info: dict) -> str:
     metric = info["metric"]
     cols = (["run"] + keys + ["schedule", "peak_lr", "best_step", "best_bleu", "best_chrf", "best_valid_loss",
             "best_ppl", "best_acc", "best_src_gain", "best_distinct", "final_bleu", "final_valid_loss",
-            "diverged", "stop_reason"])
+            "source_ignored", "diverged", "stop_reason"])
     out = [f"# Sweep report ({len(rows)} runs)", ""]
     b = info["best"]
     if b:
@@ -154,12 +171,20 @@ def to_markdown(rows: list[dict], keys: list[str], info: dict) -> str:
     out.append("|" + "---|" * len(cols))
     for r in rows:
         out.append("| " + " | ".join(_cell(fmt_lr(r[c]) if c == "peak_lr" else r.get(c)) for c in cols) + " |")
-    out += ["", "Metrics at each run's best validation (the checkpoint in best.pt) and at its last one.", "",
-            "## Correlation with log10(peak LR)", "", "| metric | Pearson | Spearman | n |", "|---|---|---|---|"]
+    out += ["", "Metrics at each run's best validation (the checkpoint in best.pt) and at its last one."]
+    out += [""] + [f"- {a}" for a in info["advice"]] if info["advice"] else []
+    out += ["", "## Correlation with log10(peak LR)", "",
+            "Linear (Pearson) and rank (Spearman) correlation over the runs; an optimum inside the range "
+            "tried (the usual case) weakens both, so read them with the plot.", "",
+            "| metric | Pearson | Spearman | n |", "|---|---|---|---|"]
     for short, c in info["correlation_with_log10_peak_lr"].items():
         out.append(f"| {short} | {_cell(c['pearson'])} | {_cell(c['spearman'])} | {c['n']} |")
     if info["diverged"]:
         out += ["", "## Diverged runs", ""] + [f"- `{d['run']}`: {d['reason']}" for d in info["diverged"]]
+    if info["source_ignored"]:
+        out += ["", f"Runs whose last validation after warmup shows the source ignored (src_gain below the "
+                f"threshold or under half the dev translations distinct): {', '.join(info['source_ignored'])}; "
+                "`lr.py diagnose RUN_DIR` explains each."]
     out += ["", "![metrics vs peak LR](metric_vs_lr.png)", ""]
     return "\n".join(out)
 
