@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIAL_IDS = {"pad_id": PAD, "unk_id": UNK, "bos_id": BOS, "eos_id": EOS}
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 STATE_FORMAT = 1          # bump when to_state()'s layout changes
 _CACHE_FORMAT = 1         # bump when trained models would change for the same settings
 _SETTINGS_NOT_IN_KEY = ("cache_dir", "quiet")  # neither changes the trained model
@@ -81,11 +82,11 @@ class Tokenizer:
     # ------------------------------------------------------------------ encode / decode
     def encode_src(self, lines: Sequence[str]) -> list[list[int]]:
         """Source ids, each sequence ending with EOS (batch-encoded in C++ threads)."""
-        return self.src_sp.encode(list(lines), out_type=int, add_eos=True)
+        return _encode(self.src_sp, lines, add_eos=True)
 
     def encode_tgt(self, lines: Sequence[str]) -> list[list[int]]:
         """Target ids without BOS/EOS (the batcher adds them)."""
-        return self.tgt_sp.encode(list(lines), out_type=int)
+        return _encode(self.tgt_sp, lines, add_eos=False)
 
     def decode_tgt(self, ids: Iterable[int]) -> str:
         """Text of a target id sequence: stops at the first EOS, drops PAD and BOS.
@@ -145,6 +146,18 @@ class Tokenizer:
         if self.joint:
             return f"Tokenizer(joint, vocab={self.src_vocab_size})"
         return f"Tokenizer(src_vocab={self.src_vocab_size}, tgt_vocab={self.tgt_vocab_size})"
+
+
+def _encode(sp: spm.SentencePieceProcessor, lines: Sequence[str], add_eos: bool) -> list[list[int]]:
+    """Batch-encode; a line with lone surrogates (text decoded with errors="surrogateescape", as
+    Python reads stdin in the C locale) is not UTF-8, so sentencepiece rejects the whole batch
+    with a TypeError: those lines are retried with U+FFFD in place of each surrogate."""
+    lines = list(lines)
+    try:
+        return sp.encode(lines, out_type=int, add_eos=add_eos)
+    except TypeError:
+        clean = [_SURROGATE.sub("\ufffd", line) for line in lines]
+        return sp.encode(clean, out_type=int, add_eos=add_eos)
 
 
 def _strip(ids: Iterable[int]) -> list[int]:
