@@ -84,9 +84,11 @@ def compose_cfg(data_root: Path, tok_cache: Path, *overrides: str):
     from nmt.config import conf_dir, register_configs, to_config
 
     register_configs()
+    # later settings of a key replace earlier ones (Hydra refuses a key given twice)
+    by_key = {o.split("=", 1)[0]: o for o in (*TINY, f"data.root={data_root}", f"tokenizer.cache_dir={tok_cache}",
+                                              *overrides)}
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        dcfg = compose("config", overrides=[*TINY, f"data.root={data_root}", f"tokenizer.cache_dir={tok_cache}",
-                                            *overrides])
+        dcfg = compose("config", overrides=list(by_key.values()))
     return to_config(dcfg)
 
 
