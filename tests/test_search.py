@@ -306,3 +306,18 @@ def test_search_dispatch_and_sampling_needs_beam_one(model, batch):
     assert toks(search(model, *batch, cfg_(beam_size=3))) == toks(beam_search(model, *batch, cfg_(beam_size=3)))
     with pytest.raises(ValueError, match="beam_size=1"):
         search(model, *batch, cfg_(beam_size=3, sampling=True))
+
+
+def test_inplace_processing_equals_pure():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, V, generator=g)
+    history = torch.cat((torch.full((6, 1), BOS), torch.randint(4, V, (6, 9), generator=g)), dim=1)
+    cfg = cfg_(repetition_penalty=1.3, no_repeat_ngram_size=2, min_len=20)
+    pure = next_logprobs(logits, history, 3, cfg, BOS, EOS, PAD, temperature=0.7)
+    scratch, out = logits.clone(), torch.empty(6, V)
+    assert next_logprobs(scratch, history, 3, cfg, BOS, EOS, PAD, temperature=0.7, out=out) is out
+    assert torch.equal(pure, out)
+    assert banned(out[:1]) == [sorted({BOS, PAD, EOS} | set(naive_ngram_ban(history[0].tolist(), 2, V)))]
+    for fn, args in ((apply_repetition_penalty, (1.3,)), (block_repeated_ngrams, (2,))):
+        x = logits.clone()
+        assert fn(x, history, *args, inplace=True) is x and torch.equal(x, fn(logits, history, *args))
