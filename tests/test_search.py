@@ -1,7 +1,6 @@
 """Search and logit processors: hand-checked vectors and invariants on tiny random models."""
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import strategies as st
 
 from nmt import search as search_mod
 from nmt.config import DecodeConfig, ModelConfig
-from nmt.logits import (apply_repetition_penalty, block_repeated_ngrams, forbid_tokens, length_penalty,
+from nmt.logits import (apply_repetition_penalty, block_repeated_ngrams, length_penalty,
                         top_k_top_p_filter)
 from nmt.model import Transformer
 from nmt.search import Hypothesis, beam_search, greedy_search, max_lengths, next_logprobs, search
@@ -134,12 +133,6 @@ def test_length_penalty_modes():
     assert torch.allclose(length_penalty(torch.tensor([1.0, 4.0]), 2.0), torch.tensor([1.0, 16.0]))
     with pytest.raises(ValueError, match="power, gnmt"):
         length_penalty(3, 1.0, "linear")
-
-
-def test_forbid_tokens_rows():
-    scores = torch.zeros(2, 4)
-    assert banned(forbid_tokens(scores, [3], torch.tensor([True, False]))) == [[3], []]
-    assert banned(forbid_tokens(scores, [0, 2])) == [[0, 2], [0, 2]]
 
 
 def test_top_k_top_p_filter():

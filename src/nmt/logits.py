@@ -62,24 +62,6 @@ def block_repeated_ngrams(scores: Tensor, history: Tensor, n: int, inplace: bool
     return reduce(1, grams[:, :, -1], ban, reduce="amin", include_self=True)
 
 
-def forbid_tokens(scores: Tensor, token_ids: Sequence[int], rows: Union[Tensor, bool] = True) -> Tensor:
-    """Set ``token_ids`` to -inf in ``rows`` (bool [N] or True for all); [N, V] -> [N, V].
-
-    Used for min_len (EOS banned before ``min_len`` tokens) and to keep
-    PAD/BOS from ever being generated.
-    """
-    ids = list(token_ids)
-    if not ids or rows is False:
-        return scores
-    out = scores.clone()
-    if rows is True:
-        out[:, ids] = NEG_INF
-    else:
-        col = out[:, ids]
-        out[:, ids] = col.masked_fill(rows[:, None], NEG_INF)
-    return out
-
-
 def length_penalty(length: Union[Tensor, int, float], alpha: float, mode: str = "power") -> Union[Tensor, float]:
     """Divisor that normalises a hypothesis' summed log-prob by its length.
 

@@ -21,7 +21,6 @@ active batch, so late steps only compute what is still needed.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
