@@ -62,8 +62,8 @@ def test_shared_embeddings_need_a_joint_vocabulary():
 
 
 def test_training_needs_an_end():
-    with pytest.raises(ConfigError, match="max_steps or train.max_epochs"):
-        to_config(compose_cfg("train.max_epochs=0", "train.max_steps=0"))
+    with pytest.raises(ConfigError, match="training would never end"):
+        to_config(compose_cfg("train.max_epochs=0", "train.max_steps=0", "train.max_minutes=0"))
 
 
 def test_dict_round_trip_is_plain_data():

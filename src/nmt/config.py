@@ -164,6 +164,8 @@ class TrainConfig:
     src_gain_warn: float = 0.1         # warn when src_gain stays below this after warmup
     bucket_size: int = 100             # batches per length-sorted pool
     progress: bool = True              # tqdm progress bar
+    max_minutes: float = 0.0           # stop (validate, save) after this much training time (0 = no limit)
+    threads: int = 0                   # torch CPU threads (0 = torch's default)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
@@ -241,7 +243,8 @@ def validate(cfg: Config) -> Config:
     if m.share_embeddings == "all":
         _require(cfg.tokenizer.joint, "model.share_embeddings=all needs tokenizer.joint=true "
                  "(one vocabulary for both languages); use share_embeddings=decoder with separate vocabularies")
-    _require(t.max_steps > 0 or t.max_epochs > 0, "set train.max_steps or train.max_epochs (both are 0: training would never end)")
+    _require(t.max_steps > 0 or t.max_epochs > 0 or t.max_minutes > 0,
+             "set train.max_steps, train.max_epochs or train.max_minutes (all are 0: training would never end)")
     _require(t.max_tokens > 0, f"train.max_tokens must be > 0, got {t.max_tokens}")
     _require(t.accumulate >= 1, f"train.accumulate must be >= 1, got {t.accumulate}")
     _require(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
@@ -249,6 +252,7 @@ def validate(cfg: Config) -> Config:
     _require(t.keep_last >= 0, f"train.keep_last must be >= 0, got {t.keep_last}")
     _require(t.valid_every >= 0 and (t.valid_every > 0 or t.valid_every_epoch),
              "validation never runs: set train.valid_every > 0 or train.valid_every_epoch=true")
+    _require(t.max_minutes >= 0 and t.threads >= 0, "train.max_minutes and train.threads must be >= 0")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(cfg.data.max_len >= cfg.data.min_len >= 0, "data.max_len must be >= data.min_len >= 0")
     _require(cfg.data.max_ratio >= 0, "data.max_ratio must be >= 0 (0 turns the ratio filter off)")

@@ -91,5 +91,5 @@ class MetricsLogger:
 
 def _fmt(v: object) -> object:
     if isinstance(v, float):
-        return f"{v:.9g}"
+        return repr(v)  # exact: scripts/lr.py diagnose recomputes the LR to 1e-9
     return v

@@ -46,6 +46,8 @@ class Trainer:
         self.device = select_device(cfg.device)
         self.amp = autocast_dtype(cfg.precision, self.device)
         configure_backends(self.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
         t = cfg.train
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
@@ -141,6 +143,8 @@ class Trainer:
                     self._save()
                 if reason is None and t.max_steps and self.step >= t.max_steps:
                     reason = f"reached train.max_steps={t.max_steps}"
+                if reason is None and t.max_minutes and time.time() - start >= 60 * t.max_minutes:
+                    reason = f"reached train.max_minutes={t.max_minutes:g}"
                 if reason is None and stop.received:
                     reason = f"interrupted by {stop.received}"
                 bar.update(1)
