@@ -196,6 +196,7 @@ def translator(checkpoint):
                       max_sentences=16)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(texts=st.lists(ANY_TEXT | st.sampled_from(["", " ", "\t", "\r"]), max_size=10))
 def test_translator_gives_one_result_per_line(translator, texts):
