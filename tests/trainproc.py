@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -168,6 +167,3 @@ def assert_clean_exit(rc: int, out: str, expected_rc: int, *phrases: str) -> Non
     assert "Traceback" not in out, out[-3000:]
     for phrase in phrases:
         assert phrase in out, f"{phrase!r} not in the output:\n{out[-3000:]}"
-
-
-SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
