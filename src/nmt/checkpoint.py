@@ -27,6 +27,8 @@ from nmt.config import Config, DecodeConfig, from_dict
 log = logging.getLogger(__name__)
 
 FORMAT = "nmt-checkpoint-1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 STEP_RE = re.compile(r"^step-(\d+)\.pt$")
 TEMP_GLOB = ".*.pt.*.tmp"       # atomic_save's temporaries, left behind by a killed process
 
@@ -57,6 +59,7 @@ def atomic_save(obj: dict, path: Path) -> None:
             raise CheckpointError(f"could not write checkpoint {path}: {path.parent} exists and is not a folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file a normal file's mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
