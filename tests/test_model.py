@@ -241,3 +241,80 @@ def test_tiny_model_overfits_a_tiny_batch(norm):
     assert losses[-1] < 0.1 * losses[0]
     # tied rows still trained; the config object is left as given
     assert dataclasses.asdict(m.cfg)["norm"] == norm
+
+
+# ----------------------------------------------------------------------------- beam-grouped cache
+def grouped(model, beams: int = 3, steps: int = 3):
+    """2 sentences (one padded) decoded ``steps`` tokens, then spread to ``beams`` rows each."""
+    src = ids(2, 6)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool)
+    tgt = ids(2, steps, seed=2)
+    memory = model.encode(src, mask)
+    _, cache = decode_steps(model, tgt, memory, mask, [1] * steps)
+    index = torch.arange(2).repeat_interleave(beams)
+    return src, mask, tgt, memory, cache, index
+
+
+def test_for_beams_shares_cross_kv_and_equals_per_row_copies(model):
+    """Beams querying their sentence's K/V together == each beam with its own copy."""
+    with torch.inference_mode():
+        src, mask, tgt, memory, cache, index = grouped(model)
+        shared = cache.for_beams(index, 3, capacity=10)
+        assert shared.cross_k[0] is cache.cross_k[0] and shared.sentences == 2
+        assert shared.batch_size == 6 and shared.beams == 3 and shared._room.capacity == 10
+        nxt = ids(6, 2, seed=4)
+        a, a_cache = model.decode(nxt, None, mask, shared)              # src_mask per sentence
+        b, _ = model.decode(nxt, None, mask[index], cache.select(index))  # per row
+        full, _ = model.decode(torch.cat([tgt[index], nxt], 1), memory[index], mask[index])
+        assert a_cache.beams == 3 and a_cache.length == 5
+        with pytest.raises(ValueError, match="src_mask of 6 rows for 2 source sentences"):
+            model.decode(nxt[:, :1], None, mask[index], a_cache)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, full[:, 3:], atol=1e-5, rtol=0)
+
+
+def test_reorder_in_place_equals_select_and_consumes_the_cache(model):
+    with torch.inference_mode():
+        src, mask, tgt, memory, cache, index = grouped(model)
+        _, cache = model.decode(ids(6, 1, seed=3), None, mask, cache.for_beams(index, 3))
+        older = cache
+        _, cache = model.decode(ids(6, 1, seed=5), None, mask, cache)
+        parents = torch.tensor([0, 0, 1, 5, 4, 5])       # within each sentence's rows
+        copied = cache.select(parents, cross=False)       # the reference: a full copy
+        buffers = [k.data_ptr() for k in cache._room.k]
+        row4 = cache.self_k[0][4].clone()
+        moved = cache.reorder_(parents)
+        assert [k.data_ptr() for k in moved._room.k] == buffers           # no new buffers
+        assert torch.equal(moved.self_k[0][4], row4)                       # a row in its own slot
+        for a, b in zip(moved.self_k + moved.self_v, copied.self_k + copied.self_v):
+            assert torch.equal(a, b)
+        nxt = ids(6, 2, seed=6)
+        after, _ = model.decode(nxt, None, mask, moved)
+        ref, _ = model.decode(nxt, None, mask, copied)
+        for stale in (cache, older):
+            with pytest.raises(RuntimeError, match="consumed by reorder_"):
+                model.decode(nxt, None, mask, stale)
+    torch.testing.assert_close(after, ref, atol=1e-6, rtol=0)
+
+
+def test_reorder_dropping_sentences_equals_select(model):
+    with torch.inference_mode():
+        src, mask, tgt, memory, cache, index = grouped(model)
+        _, cache = model.decode(ids(6, 1, seed=3), None, mask, cache.for_beams(index, 3))
+        parents = torch.tensor([5, 3, 3])                 # only sentence 1 goes on
+        ref, _ = model.decode(ids(3, 1, seed=4), None, mask[[1, 1, 1]], cache.select(parents))
+        moved = cache.reorder_(parents, torch.tensor([1]))
+        assert moved.batch_size == 3 and moved.sentences == 1
+        after, _ = model.decode(ids(3, 1, seed=4), None, mask[1:], moved)
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=0)
+
+
+def test_reorder_copies_when_it_may_not_write_in_place(model):
+    """Under autograd (or on a cache without buffers of its own) reorder_ is a plain select."""
+    src, mask, tgt = ids(2, 5), torch.ones(2, 5, dtype=torch.bool), ids(2, 3, seed=2)
+    memory = model.encode(src, mask)
+    _, cache = decode_steps(model, tgt, memory, mask, [1, 1, 1])
+    before = [k.clone() for k in cache.self_k]
+    moved = cache.reorder_(torch.tensor([1, 1]))
+    assert all(torch.equal(k, k0) for k, k0 in zip(cache.self_k, before))
+    assert all(torch.equal(k[0], k0[1]) and torch.equal(k[1], k0[1]) for k, k0 in zip(moved.self_k, before))

@@ -104,9 +104,17 @@ class CrossAttention(_Attention):
         k, v = self.kv_proj(memory).view(b, s, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x: Tensor, kv: KV, mask: Optional[Tensor]) -> Tensor:
-        """x [B,T,D], kv from :meth:`project_memory`, mask [B,1,1,S] -> [B,T,D]."""
-        return self._attend(_split_heads(self.q_proj(x), self.heads), kv[0], kv[1], mask, False)
+    def forward(self, x: Tensor, kv: KV, mask: Optional[Tensor], beams: int = 1) -> Tensor:
+        """x [B*beams,T,D], kv from :meth:`project_memory` ([B,H,S,dh]), mask [B,1,1,S] -> [B*beams,T,D].
+
+        Consecutive rows of x are ``beams`` hypotheses of one source sentence:
+        they query its keys together as one [beams*T] block, so the memory is
+        projected and stored once per sentence, not once per hypothesis.
+        """
+        q = self.q_proj(x)
+        n, t, d = q.shape
+        out = self._attend(_split_heads(q.view(n // beams, beams * t, d), self.heads), kv[0], kv[1], mask, False)
+        return out.view(n, t, d)
 
 
 class FeedForward(nn.Module):
@@ -175,13 +183,14 @@ class DecoderLayer(nn.Module):
         self.res_ffn = _Residual(d_model, dropout, pre_norm)
 
     def forward(self, x: Tensor, cross_kv: KV, cross_mask: Tensor, self_mask: Optional[Tensor] = None,
-                is_causal: bool = False, past: Optional[Past] = None) -> tuple[Tensor, KV]:
-        """x [B,T,D] (new positions only) -> (x [B,T,D], self-attention (k, v) [B,H,L+T,dh]).
+                is_causal: bool = False, past: Optional[Past] = None, beams: int = 1) -> tuple[Tensor, KV]:
+        """x [B*beams,T,D] (new positions only) -> (x [B*beams,T,D], self-attention (k, v) [B*beams,H,L+T,dh]).
 
         ``self_mask`` [T, L+T] or ``is_causal`` (only valid when there is no past)
-        keep each position from seeing later ones; cross_mask is [B,1,1,S].
+        keep each position from seeing later ones; cross_kv is [B,H,S,dh] and
+        cross_mask [B,1,1,S], shared by each sentence's ``beams`` rows.
         """
         y, kv = self.self_attn(self.res_self.inp(x), mask=self_mask, is_causal=is_causal, past=past)
         x = self.res_self.out(x, y)
-        x = self.res_cross.out(x, self.cross_attn(self.res_cross.inp(x), cross_kv, cross_mask))
+        x = self.res_cross.out(x, self.cross_attn(self.res_cross.inp(x), cross_kv, cross_mask, beams))
         return self.res_ffn.out(x, self.ffn(self.res_ffn.inp(x))), kv

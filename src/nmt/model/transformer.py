@@ -6,110 +6,16 @@ L = target tokens already cached, D = d_model, H = heads, dh = D // H, V = vocab
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from nmt.config import ConfigError, ModelConfig
+from nmt.model.cache import KVCache
 from nmt.model.layers import DecoderLayer, EncoderLayer, sinusoidal_positions
 
-
-@dataclass
-class _Room:
-    """Key/value buffers [B, H, capacity, dh] per layer, shared by the caches grown in place.
-
-    ``frontier`` is how many positions have been written. A cache may append in
-    place only when its length equals the frontier: then nobody else has
-    written past it, and every cache sharing the buffers only sees positions
-    below its own length, which in-place appends never touch. So caches behave
-    as values even though the common path copies nothing.
-    """
-
-    k: list[Tensor]
-    v: list[Tensor]
-    frontier: int
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
-
-
-def _capacity(needed: int) -> int:
-    # headroom so that greedy decoding regrows (one copy) only every so often
-    return needed + max(16, needed // 2)
-
-
-def _empty_room(like: list[Tensor], batch: int, capacity: int, frontier: int) -> _Room:
-    _, h, _, dh = like[0].shape
-    def new() -> list[Tensor]:
-        return [torch.empty(batch, h, capacity, dh, dtype=t.dtype, device=t.device) for t in like]
-    return _Room(new(), new(), frontier)
-
-
-@dataclass
-class KVCache:
-    """Everything a decoder step needs from earlier steps; a value, never module state.
-
-    self_k/self_v: per decoder layer, keys/values of the ``length`` target
-    positions decoded so far, each [B, H, length, dh] (possibly views of
-    larger buffers with room to grow).
-    cross_k/cross_v: per decoder layer, keys/values of the encoder memory,
-    each [B, H, S, dh], computed once when decoding starts.
-    Decoding from the same cache twice is safe: neither call changes what
-    the cache (or any other cache) holds.
-    """
-
-    self_k: list[Tensor]
-    self_v: list[Tensor]
-    cross_k: list[Tensor]
-    cross_v: list[Tensor]
-    length: int
-    _room: Optional[_Room] = field(default=None, repr=False, compare=False)
-
-    @property
-    def batch_size(self) -> int:
-        return self.cross_k[0].shape[0]
-
-    def select(self, index: Tensor, cross: bool = True) -> "KVCache":
-        """Rows ``index`` [B'] (LongTensor) of every cached tensor, in that order.
-
-        Beam search uses this to reorder or expand hypotheses. Pass
-        ``cross=False`` when every ``index[i]`` points at a row that shares row
-        ``i``'s source sentence (reordering beams within their own sentence's
-        group, with memory already expanded per beam): the cross K/V rows are
-        then identical and are kept as they are, saving one copy per layer per
-        step. The caller must select ``src_mask`` the same way.
-        """
-        def pick(ts: list[Tensor]) -> list[Tensor]:
-            return [t.index_select(0, index) for t in ts]
-
-        cross_k = pick(self.cross_k) if cross else self.cross_k
-        cross_v = pick(self.cross_v) if cross else self.cross_v
-        if torch.is_grad_enabled():  # out= does not support autograd: plain copies
-            return KVCache(pick(self.self_k), pick(self.self_v), cross_k, cross_v, self.length)
-        # copy straight into buffers with room, so the next step appends without a copy
-        n = self.length
-        cap = max(self._room.capacity, n + 1) if self._room is not None else _capacity(n + 1)
-        room = _empty_room(self.self_k, index.shape[0], cap, n)
-        for src, dst in zip(self.self_k + self.self_v, room.k + room.v):
-            torch.index_select(src, 0, index, out=dst[:, :, :n])
-        return KVCache([k[:, :, :n] for k in room.k], [v[:, :, :n] for v in room.v],
-                       cross_k, cross_v, n, room)
-
-    def _claim_room(self, t: int) -> _Room:
-        """A room holding this cache's positions with space for ``t`` more, claimed up to length + t."""
-        n, room = self.length, self._room
-        reusable = (room is not None and room.frontier == n and room.capacity >= n + t
-                    and not torch.is_grad_enabled()  # in-place writes would break autograd's saved tensors
-                    and (torch.is_inference_mode_enabled() or not room.k[0].is_inference()))
-        if not reusable:
-            room = _empty_room(self.self_k, self.batch_size, _capacity(n + t), n)
-            for src, dst in zip(self.self_k + self.self_v, room.k + room.v):
-                dst[:, :, :n] = src
-        room.frontier = n + t
-        return room
+__all__ = ["KVCache", "Transformer"]
 
 
 def _key_mask(mask: Tensor) -> Tensor:
@@ -219,41 +125,49 @@ class Transformer(nn.Module):
         Without ``cache``: tgt [B,T] is the whole prefix (positions 0..T-1, causal
         mask); the returned cache holds all T positions and the cross-attention
         K/V of ``memory`` [B,S,D].
-        With ``cache``: tgt [B,T] holds only the NEW tokens at positions
-        cache.length..cache.length+T-1; ``memory`` is not used (may be None),
-        the cross K/V come from the cache. src_mask [B,S] must match the cache rows.
-        Returns logits [B,T,V] in the compute dtype and the extended cache.
+        With ``cache``: tgt [N,T] holds only the NEW tokens at positions
+        cache.length..cache.length+T-1 of its N = cache.batch_size rows;
+        ``memory`` is not used (may be None), the cross K/V come from the cache.
+        src_mask [B,S] must match the source sentences: memory's rows, or
+        cache.sentences (N // cache.beams) with a cache.
+        Returns logits [N,T,V] in the compute dtype and the extended cache.
         """
         b, t = tgt.shape
         start = 0 if cache is None else cache.length
         self._check_length(start + t, f"target prefix of length {start + t}")
-        cross_mask = _key_mask(src_mask)
         if cache is None:
             if memory is None:
                 raise ValueError("decode() without a cache needs the encoder memory")
             cross = [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
             past: list = [None] * len(self.decoder_layers)
-            room = None
+            room, beams, version = None, 1, 0
             self_mask, causal = None, t > 1
         else:
             cross = list(zip(cache.cross_k, cache.cross_v))
-            room = cache._claim_room(t)
-            past = [(k, v, start) for k, v in zip(room.k, room.v)]
+            room, beams = cache.claim_room(t), cache.beams
+            version = room.version
+            past = [(k[:b], v[:b], start) for k, v in zip(room.k, room.v)]
             causal = False
             # one new token may see every cached one: no mask needed. Several new
             # tokens: query i (position start+i) sees keys 0..start+i. SDPA's own
             # is_causal aligns top-left, which is wrong once start > 0.
             self_mask = (None if t == 1 else
                          torch.ones(t, start + t, dtype=torch.bool, device=tgt.device).tril(diagonal=start))
+        sentences = cross[0][0].shape[0]
+        if src_mask.shape[0] != sentences or b != sentences * beams:
+            raise ValueError(f"decode() got {b} target rows and a src_mask of {src_mask.shape[0]} rows for "
+                             f"{sentences} source sentences with {beams} row(s) each")
+        cross_mask = _key_mask(src_mask)
 
         x = self._embed(self.tgt_embed, tgt, start)
         self_k, self_v = [], []
         for layer, kv, p in zip(self.decoder_layers, cross, past):
-            x, (k, v) = layer(x, kv, cross_mask, self_mask=self_mask, is_causal=causal, past=p)
+            x, (k, v) = layer(x, kv, cross_mask, self_mask=self_mask, is_causal=causal, past=p, beams=beams)
             self_k.append(k)
             self_v.append(v)
         logits = self.output_proj(self.decoder_norm(x))
-        new_cache = KVCache(self_k, self_v, [kv[0] for kv in cross], [kv[1] for kv in cross], start + t, room)
+        new_cache = KVCache(self_k, self_v, [kv[0] for kv in cross], [kv[1] for kv in cross], start + t,
+                            beams, room, version)
         return logits, new_cache
 
     def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
