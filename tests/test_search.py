@@ -12,7 +12,7 @@ from nmt import search as search_mod
 from nmt.config import DecodeConfig, ModelConfig
 from nmt.logits import (apply_repetition_penalty, block_repeated_ngrams, length_penalty,
                         top_k_top_p_filter)
-from nmt.model import Transformer
+from nmt.model import KVCache, Transformer
 from nmt.search import Hypothesis, beam_search, greedy_search, max_lengths, next_logprobs, search
 
 PAD, BOS, EOS = 0, 2, 3
@@ -324,3 +324,51 @@ def test_inplace_processing_equals_pure():
     for fn, args in ((apply_repetition_penalty, (1.3,)), (block_repeated_ngrams, (2,))):
         x = logits.clone()
         assert fn(x, history, *args, inplace=True) is x and torch.equal(x, fn(logits, history, *args))
+
+
+# ----------------------------------------------------------------------------- in-place cache path
+class _PerRowCrossModel:
+    """The model as beam search used it before shared cross K/V: every hypothesis
+    gets its own copy of its sentence's cross K/V (and of the source mask)."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model, self.max_positions = model, model.max_positions
+
+    def encode(self, src, mask):
+        return self.model.encode(src, mask)
+
+    def decode(self, tgt, memory, mask, cache):
+        if cache is not None and mask.shape[0] != cache.batch_size:
+            mask = mask.repeat_interleave(cache.batch_size // mask.shape[0], dim=0)
+        return self.model.decode(tgt, memory, mask, cache)
+
+
+def full_copy_beam_search(model, src, mask, cfg, monkeypatch):
+    """Beam search on the old path: cross K/V per hypothesis, every cache row copied
+    into fresh buffers each step, beams kept in rank order."""
+    with monkeypatch.context() as m:
+        m.setattr(KVCache, "for_beams", lambda self, index, beams, capacity=None: self.select(index))
+        m.setattr(KVCache, "reorder_", lambda self, index, sentences=None: self.select(index))
+        m.setattr(search_mod, "_stay_in_place", lambda parent: torch.arange(parent.shape[1]).expand_as(parent))
+        return beam_search(_PerRowCrossModel(model), src, mask, cfg)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(beam_size=4, nbest=4, max_len_b=14),                                      # EOS at various steps
+    dict(beam_size=3, nbest=2, max_len_a=1.0, max_len_b=2, no_repeat_ngram_size=2,
+         repetition_penalty=1.3, length_penalty=0.6, length_penalty_mode="gnmt"),  # sentences stop apart
+    dict(beam_size=5, nbest=1, min_len=16, max_len_b=16, no_repeat_ngram_size=3),  # like the benchmark
+])
+def test_in_place_cache_path_equals_full_copy_path(model, batch, kw, monkeypatch):
+    cfg = cfg_(**kw)
+    got, ref = beam_search(model, *batch, cfg), full_copy_beam_search(model, *batch, cfg, monkeypatch)
+    assert toks(got) == toks(ref)
+    for hg, hr in zip(got, ref):
+        assert [h.score for h in hg] == pytest.approx([h.score for h in hr], abs=1e-5)
+
+
+def test_stay_in_place_keeps_one_child_of_each_parent_in_its_slot():
+    parent = torch.tensor([[2, 2, 0, 4, 1], [0, 0, 0, 0, 0], [4, 3, 2, 1, 0]])
+    order = search_mod._stay_in_place(parent)
+    assert order.tolist() == [[2, 4, 0, 1, 3], [0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]
+    assert parent.gather(1, order).tolist() == [[0, 1, 2, 2, 4], [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]]

@@ -129,7 +129,7 @@ def greedy_search(model, src: Tensor, src_mask: Tensor, cfg: DecodeConfig, bos_i
                 if not bool(keep.any()):
                     break
                 idx = keep.nonzero().squeeze(1)
-                rows, hist, mask, cache = rows[idx], hist[idx], mask[idx], cache.select(idx)
+                rows, hist, mask, cache = rows[idx], hist[idx], mask[idx], cache.reorder_(idx, idx)
         toks, lps, lens = out.tolist(), logprob.tolist(), length.tolist()
         return [[_finalise(toks[i][:lens[i]], lps[i], lens[i], cfg, eos_id)] for i in range(b)]
 
@@ -194,7 +194,7 @@ def beam_search(model, src: Tensor, src_mask: Tensor, cfg: DecodeConfig, bos_id:
         sent = torch.arange(b, device=device)              # active sentences [Ba]
         hist = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
         scores = torch.zeros((b, 1), device=device)        # [Ba, beams]; one beam before step 0
-        memory, mask, cache, work = model.encode(src, src_mask), src_mask, None, None
+        memory, mask, cache, work = model.encode(src, src_mask), src_mask, None, None   # mask: [Ba, S]
         for step in range(steps):
             logits, cache = model.decode(hist[:, -1:], memory if cache is None else None, mask, cache)
             work = _scratch(b * k, logits) if work is None else work
@@ -205,31 +205,55 @@ def beam_search(model, src: Tensor, src_mask: Tensor, cfg: DecodeConfig, bos_id:
             cand = lprobs.add_(scores.reshape(-1, 1)).view(ba, beams * v)
             top, idx = cand.topk(2 * k, dim=1)                               # [Ba, 2K], best first
             beam, tok = idx // v, idx % v
-            rows = torch.arange(ba, device=device)[:, None] * beams + beam   # rows of hist/cache
             last = step + 1 >= limit[sent]                                   # [Ba]
             is_eos = tok == eos_id
             finishing = (is_eos | last[:, None]) & (top > NEG_INF)
             finishing[:, k:] = False
             if bool(finishing.any()):
+                rows = torch.arange(ba, device=device)[:, None] * beams + beam   # rows of hist/cache
                 seqs = torch.cat((hist[rows.view(-1), 1:], tok.view(-1, 1)), dim=1).view(ba, 2 * k, step + 1)
                 fin.add(sent, seqs, top, finishing, length_penalty(float(step + 1), alpha, mode))
             # the K best non-EOS candidates go on (at most K of the 2K are EOS, one per beam)
             order = is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
-            rows, tok, scores = rows.gather(1, order), tok.gather(1, order), top.gather(1, order)
+            beam, tok, scores = beam.gather(1, order), tok.gather(1, order), top.gather(1, order)
+            if step > 0:  # beams' order within a sentence is free: move few cache rows
+                order = _stay_in_place(beam)
+                beam, tok, scores = beam.gather(1, order), tok.gather(1, order), scores.gather(1, order)
             done = last | _cannot_improve(fin.key[sent], scores, step, limit[sent], alpha, mode)
-            cross = step == 0                                                # step 0 expands 1 -> K beams
+            keep = None
             if bool(done.any()):
                 if bool(done.all()):
                     break
                 keep = (~done).nonzero().squeeze(1)
-                sent, rows, tok, scores = sent[keep], rows[keep], tok[keep], scores[keep]
-                cross = True
-            flat = rows.reshape(-1)
-            cache = cache.select(flat, cross=cross)
-            if cross:
-                mask = mask.index_select(0, flat)
+                sent, beam, tok, scores, mask = sent[keep], beam[keep], tok[keep], scores[keep], mask[keep]
+            old = torch.arange(ba, device=device) if keep is None else keep  # their rows in the cache
+            flat = (old[:, None] * beams + beam).reshape(-1)
+            if step == 0:  # 1 -> K hypotheses per sentence, room for every step; cross K/V stay shared
+                cache = cache.for_beams(flat, k, capacity=steps)
+            else:
+                cache = cache.reorder_(flat, keep)
             hist = torch.cat((hist.index_select(0, flat), tok.reshape(-1, 1)), dim=1)
         return fin.hypotheses(cfg.nbest, cfg, eos_id)
+
+
+def _stay_in_place(parent: Tensor) -> Tensor:
+    """Order [Ba, K] that puts each parent's best child in the parent's own slot.
+
+    parent [Ba, K]: the beam (slot, < K) each continuing candidate extends, best
+    first. The other children fill the free slots in rank order. Which slot a
+    hypothesis takes changes no score (only how exactly tied candidates of
+    different beams rank); it decides which cache rows ``KVCache.reorder_``
+    must copy: those whose parent sits in another slot.
+    """
+    k = parent.shape[1]
+    slots = torch.arange(k, device=parent.device)
+    same = parent[:, :, None] == parent[:, None, :]                        # [Ba, K, K]
+    first = ~(same & (slots[None, :] < slots[:, None])).any(dim=2)         # no earlier sibling
+    taken = (parent[:, :, None] == slots).any(dim=1)                       # [Ba, K] slot is some parent's
+    free = taken.to(torch.uint8).argsort(dim=1, stable=True)              # free slots first, increasing
+    rank = (~first).cumsum(dim=1) - 1                                      # among the later siblings
+    slot = torch.where(first, parent, free.gather(1, rank.clamp(min=0)))
+    return torch.empty_like(slot).scatter_(1, slot, slots.expand_as(slot))
 
 
 def _cannot_improve(fin_key: Tensor, alive: Tensor, step: int, limit: Tensor, alpha: float, mode: str) -> Tensor:
