@@ -7,7 +7,12 @@ in one process, alternately (ours, HF, ours, HF, ...), so machine noise hits
 both; medians are reported.
 
     python scripts/bench.py decode --beam 5 --batch 32 --steps 64 \
-        --no-repeat-ngram 3 --repetition-penalty 1.2 --repeats 3 --threads 2 --compare-hf
+        --no-repeat-ngram 3 --repetition-penalty 1.2 --repeats 3 --threads 1 --compare-hf
+
+--floor adds a third runner that does only the matmuls, decoder attention,
+log_softmax and top-k of the same workload with the same torch kernels: a lower
+bound for an exact implementation on this build, so HF's time over it bounds
+the speedup that is possible without changing the numbers.
 """
 from __future__ import annotations
 
@@ -118,6 +123,8 @@ def cmd_decode(args: argparse.Namespace) -> dict:
         return sum(len(h[0].tokens) for h in hyps)
 
     runners = {"ours": ours}
+    if args.floor:
+        runners["floor"] = _arithmetic_floor(model, args, device)
     if args.compare_hf:
         hf = _hf_model(model, device)
 
@@ -163,7 +170,65 @@ def cmd_decode(args: argparse.Namespace) -> dict:
                         "transformers": transformers.__version__}
         result["speedup_vs_hf"] = round(result["ours"]["sentences_per_s"] / result["hf"]["sentences_per_s"], 3)
         result["cpu_speedup_vs_hf"] = round(result["hf"]["median_cpu_s"] / result["ours"]["median_cpu_s"], 3)
+    if args.floor:
+        floor = _summary(times["floor"], cpu["floor"], 0, args.batch)
+        result["floor"] = {key: floor[key] for key in ("median_s", "times_s", "median_cpu_s", "cpu_s")}
+        if args.compare_hf:  # with these kernels, no exact implementation can beat HF by more than this
+            result["max_speedup_vs_hf"] = round(result["hf"]["median_s"] / result["floor"]["median_s"], 3)
     return result
+
+
+def _arithmetic_floor(model, args: argparse.Namespace, device: torch.device) -> Callable[[int], int]:
+    """A runner doing only the arithmetic any exact fp32 beam search of this model must do.
+
+    Every Linear of the encoder (B*S tokens) and of the decoder (B rows at step
+    0, B*K after; the output projection included), decoder attention (each
+    hypothesis over its own step+1 cached keys/values, each sentence's beams
+    over its source), log_softmax over the [B*K, V] logits and the top-2K over
+    each sentence's K*V candidates. Encoder attention, norms, activations,
+    cache upkeep and logit processors are left out, and the random inputs are
+    drawn once, so the time is a lower bound for ours: HF's time divided by it
+    bounds the speedup we can reach.
+    """
+    import torch.nn.functional as F
+
+    b, k, tokens = args.batch, args.beam, args.batch * args.src_len
+    h = model.cfg.heads
+    dh = model.cfg.d_model // h
+
+    def linears(stack: torch.nn.Module) -> list[torch.nn.Linear]:
+        return [m for m in stack.modules() if isinstance(m, torch.nn.Linear)]
+
+    kv = [layer.cross_attn.kv_proj for layer in model.decoder_layers]   # once per source, not per step
+    per_step = [m for m in linears(model.decoder_layers) if all(m is not p for p in kv)] + [model.output_proj]
+    inputs: dict[tuple, torch.Tensor] = {}
+
+    def x(*shape: int, layer: int = 0) -> torch.Tensor:  # drawn once: random numbers are not the work measured
+        if (shape, layer) not in inputs:
+            inputs[shape, layer] = torch.randn(shape, device=device)
+        return inputs[shape, layer]
+
+    def run(steps: int = args.steps) -> int:
+        with torch.inference_mode():
+            for m in linears(model.encoder_layers) + kv:
+                m(x(tokens, m.in_features))
+            lprobs = torch.empty(b * k, model.tgt_vocab_size, device=device)
+            for step in range(steps):
+                rows = b if step == 0 else b * k
+                for m in per_step:
+                    logits = m(x(rows, m.in_features))
+                for layer in range(len(model.decoder_layers)):
+                    # each hypothesis' own keys/values, and its sentence's source keys/values
+                    cache = x(2, b * k, h, args.steps, dh, layer=layer)
+                    source = x(2, b, h, args.src_len, dh, layer=layer)
+                    q = x(rows, h, 1, dh)
+                    F.scaled_dot_product_attention(q, cache[0, :rows, :, :step + 1], cache[1, :rows, :, :step + 1])
+                    q = q.view(b, rows // b, h, dh).transpose(1, 2)
+                    F.scaled_dot_product_attention(q, source[0], source[1])
+                torch.log_softmax(logits, dim=-1, out=lprobs[:rows]).view(b, -1).topk(2 * k, dim=1)
+        return 0
+
+    return run
 
 
 def _device_name(device: torch.device) -> str:
@@ -194,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     d.add_argument("--compare-hf", action="store_true", help="also time transformers' MarianMTModel.generate()")
+    d.add_argument("--floor", action="store_true",
+                   help="also time only the unavoidable arithmetic (matmuls, decoder attention, log_softmax, "
+                        "top-k): a lower bound for an exact implementation")
     d.set_defaults(func=cmd_decode)
     return parser
 
