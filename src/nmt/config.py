@@ -225,6 +225,31 @@ def validate_decode(d: DecodeConfig, prefix: str = "decode") -> None:
              f"{prefix}.length_penalty_mode={d.length_penalty_mode!r} is not one of power, gnmt")
 
 
+def validate_optim(o: OptimConfig) -> None:
+    """Range checks for the LR schedule and Adam settings (``nmt.schedules`` adds the
+    checks that need the number of training steps)."""
+    _require(o.name in CHOICES["optim.name"],
+             f"optim.name={o.name!r} is not valid; choose one of: {', '.join(CHOICES['optim.name'])}")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if o.name == "noam":
+        _require(o.warmup_steps > 0, "optim.warmup_steps must be > 0 for the noam schedule")
+        _require(o.factor > 0, f"optim.factor must be > 0, got {o.factor}")
+        _require(o.peak_lr is None or o.peak_lr > 0, f"optim.peak_lr must be > 0, got {o.peak_lr}")
+    else:
+        _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+        _require(o.warmup_init_lr >= 0, f"optim.warmup_init_lr must be >= 0, got {o.warmup_init_lr}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.restart_period >= 1, f"optim.restart_period must be >= 1, got {o.restart_period}")
+    _require(o.period_mult >= 1.0, f"optim.period_mult must be >= 1, got {o.period_mult}")
+    _require(0.0 < o.plateau_factor <= 1.0, f"optim.plateau_factor must be in (0, 1], got {o.plateau_factor}")
+    _require(o.plateau_patience >= 0, f"optim.plateau_patience must be >= 0, got {o.plateau_patience}")
+    _require(o.min_lr is None or o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
+    _require(o.min_lr is None or o.max_lr is None or o.min_lr <= o.max_lr,
+             f"optim.min_lr ({o.min_lr}) must be <= optim.max_lr ({o.max_lr})")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optim.betas must be two values in [0, 1), got {o.betas}")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; raises ConfigError with the key and the valid values."""
     for key, choices in CHOICES.items():
@@ -256,15 +281,7 @@ def validate(cfg: Config) -> Config:
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(cfg.data.max_len >= cfg.data.min_len >= 0, "data.max_len must be >= data.min_len >= 0")
     _require(cfg.data.max_ratio >= 0, "data.max_ratio must be >= 0 (0 turns the ratio filter off)")
-    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    if o.name == "noam":
-        _require(o.warmup_steps > 0, "optim.warmup_steps must be > 0 for the noam schedule")
-        _require(o.factor > 0, f"optim.factor must be > 0, got {o.factor}")
-        _require(o.peak_lr is None or o.peak_lr > 0, f"optim.peak_lr must be > 0, got {o.peak_lr}")
-    else:
-        _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0, 1), got {o.betas}")
-    _require(o.min_lr is None or o.max_lr is None or o.min_lr <= o.max_lr, "optim.min_lr must be <= optim.max_lr")
+    validate_optim(o)
     validate_decode(cfg.valid.decode, "valid.decode")
     validate_decode(cfg.decode, "decode")
     return cfg

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from nmt.config import CHOICES, ConfigError, OptimConfig
+from nmt.config import CHOICES, ConfigError, OptimConfig, validate_optim
 
 # The valid values of ``optim.name`` (one source of truth: the config schema).
 SCHEDULES: tuple[str, ...] = tuple(CHOICES["optim.name"])
@@ -172,28 +172,8 @@ def peak_lr(cfg: OptimConfig, d_model: int) -> float:
 
 
 def check_config(cfg: OptimConfig, total_steps: Optional[int] = None) -> None:
-    """Range checks for the schedule settings (beyond :func:`nmt.config.validate`)."""
-    def require(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    require(cfg.name in SCHEDULES, f"optim.name={cfg.name!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
-    require(cfg.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {cfg.warmup_steps}")
-    if cfg.name == "noam":
-        require(cfg.warmup_steps > 0, "optim.warmup_steps must be > 0 for the noam schedule")
-        require(cfg.factor > 0, f"optim.factor must be > 0, got {cfg.factor}")
-        require(cfg.peak_lr is None or cfg.peak_lr > 0, f"optim.peak_lr must be > 0, got {cfg.peak_lr}")
-    else:
-        require(cfg.lr > 0, f"optim.lr must be > 0, got {cfg.lr}")
-        require(cfg.warmup_init_lr >= 0, f"optim.warmup_init_lr must be >= 0, got {cfg.warmup_init_lr}")
-    require(0.0 <= cfg.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    require(cfg.restart_period >= 1, f"optim.restart_period must be >= 1, got {cfg.restart_period}")
-    require(cfg.period_mult >= 1.0, f"optim.period_mult must be >= 1, got {cfg.period_mult}")
-    require(0.0 < cfg.plateau_factor <= 1.0, f"optim.plateau_factor must be in (0, 1], got {cfg.plateau_factor}")
-    require(cfg.plateau_patience >= 0, f"optim.plateau_patience must be >= 0, got {cfg.plateau_patience}")
-    require(cfg.min_lr is None or cfg.min_lr >= 0, f"optim.min_lr must be >= 0, got {cfg.min_lr}")
-    require(cfg.min_lr is None or cfg.max_lr is None or cfg.min_lr <= cfg.max_lr,
-            f"optim.min_lr ({cfg.min_lr}) must be <= optim.max_lr ({cfg.max_lr})")
+    """Range checks for the schedule settings, including those that need ``total_steps``."""
+    validate_optim(cfg)
     if cfg.name == "cosine":
         decay_steps(cfg, total_steps)
 
