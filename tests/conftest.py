@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +53,12 @@ def make_cfg(data_root, tok_cache):
                                                 f"tokenizer.cache_dir={tok_cache}", *overrides])
         return to_config(dcfg)
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (and CI's 2 cores may be shared); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,7 +5,6 @@ import csv
 import math
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,15 +13,6 @@ from nmt.lrtools.cli import compose_config, main
 from nmt.lrtools.find import lr_ladder, stop_reason, suggest
 from nmt.lrtools.stats import ema_smooth
 from nmt.schedules import noam_factor_for_peak
-
-
-@pytest.fixture
-def one_thread():
-    """The test machine's cores are shared: one intra-op thread is much faster than fighting for two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_ladder_is_geometric_from_min_to_max():

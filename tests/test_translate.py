@@ -26,13 +26,7 @@ FAST = ["--beam-size", "1", "--max-len-a", "0", "--max-len-b", "6", "--quiet", "
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process work on one thread, like FAST's --threads 1 (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
