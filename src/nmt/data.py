@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nmt.config import Config
-from nmt.corpus import filter_pairs, find_split, log_filter_counts, read_parallel
+from nmt.corpus import filter_pairs, load_split, log_filter_counts
 from nmt.tokenizer import EOS, Tokenizer, train_or_load
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ def truncate(ids: list[list[int]], limit: int, name: str, keep_last: Optional[in
 def prepare_data(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> PreparedData:
     """Read train/dev, train or load the tokenizer (unless given, e.g. from a checkpoint), encode, filter."""
     d = cfg.data
-    train_pairs = read_parallel(*find_split(d, "train"), limit=d.train_limit)
-    dev_pairs = read_parallel(*find_split(d, "dev"), limit=d.dev_limit)
+    train_pairs = load_split(d, "train")
+    dev_pairs = load_split(d, "dev")
     if not train_pairs:
         raise ValueError(f"the training split of {d.name} is empty")
     if not dev_pairs:

@@ -19,7 +19,7 @@ from nmt.batching import Batch, batches_for_inference, collate
 from nmt.config import DecodeConfig
 from nmt.loss import label_smoothed_nll, n_correct
 from nmt.search import Hypothesis, search
-from nmt.tokenizer import BOS, EOS, PAD, Tokenizer
+from nmt.tokenizer import BOS, EOS, PAD
 
 
 @dataclass
@@ -86,15 +86,6 @@ def translate_ids(model: torch.nn.Module, src_ids: Sequence[list[int]], decode: 
     """Decode id sequences in length-sorted batches; returns, in input order, the n-best token lists."""
     nbest = translate_hypotheses(model, src_ids, decode, device, max_sentences, max_tokens, autocast_dtype)
     return [[h.tokens for h in sent] for sent in nbest]
-
-
-def translate_lines(model: torch.nn.Module, tokenizer: Tokenizer, lines: Sequence[str], decode: DecodeConfig,
-                    device: torch.device, max_sentences: int = 64, max_tokens: int = 0,
-                    autocast_dtype: Optional[torch.dtype] = None) -> list[str]:
-    """Translate raw source lines (best hypothesis each)."""
-    src_ids = tokenizer.encode_src(list(lines))
-    nbest = translate_ids(model, src_ids, decode, device, max_sentences, max_tokens, autocast_dtype)
-    return [tokenizer.decode_tgt(h[0]) if h else "" for h in nbest]
 
 
 def corpus_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
