@@ -192,6 +192,10 @@ def _arithmetic_floor(model, args: argparse.Namespace, device: torch.device) -> 
     """
     import torch.nn.functional as F
 
+    from nmt.model.layers import one_query_attention
+
+    # the faster of the two kernels the model may use for a one-query step on this device
+    self_attention = one_query_attention if device.type == "cpu" else F.scaled_dot_product_attention
     b, k, tokens = args.batch, args.beam, args.batch * args.src_len
     h = model.cfg.heads
     dh = model.cfg.d_model // h
@@ -222,7 +226,7 @@ def _arithmetic_floor(model, args: argparse.Namespace, device: torch.device) -> 
                     cache = x(2, b * k, h, args.steps, dh, layer=layer)
                     source = x(2, b, h, args.src_len, dh, layer=layer)
                     q = x(rows, h, 1, dh)
-                    F.scaled_dot_product_attention(q, cache[0, :rows, :, :step + 1], cache[1, :rows, :, :step + 1])
+                    self_attention(q, cache[0, :rows, :, :step + 1], cache[1, :rows, :, :step + 1])
                     q = q.view(b, rows // b, h, dh).transpose(1, 2)
                     F.scaled_dot_product_attention(q, source[0], source[1])
                 torch.log_softmax(logits, dim=-1, out=lprobs[:rows]).view(b, -1).topk(2 * k, dim=1)

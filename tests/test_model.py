@@ -318,3 +318,15 @@ def test_reorder_copies_when_it_may_not_write_in_place(model):
     moved = cache.reorder_(torch.tensor([1, 1]))
     assert all(torch.equal(k, k0) for k, k0 in zip(cache.self_k, before))
     assert all(torch.equal(k[0], k0[1]) and torch.equal(k[1], k0[1]) for k, k0 in zip(moved.self_k, before))
+
+
+@pytest.mark.parametrize("length", [1, 7, 40])
+def test_one_query_attention_matches_sdpa(length):
+    """The CPU decoding-step kernel computes what SDPA computes (up to float rounding)."""
+    from nmt.model.layers import one_query_attention
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(shape, generator=g) for shape in ((6, 4, 1, 8), (6, 4, length, 8), (6, 4, length, 8)))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    got = one_query_attention(q, k, v)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
