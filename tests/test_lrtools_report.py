@@ -55,6 +55,7 @@ def test_report_finds_the_best_run_and_flags_the_diverged_one(multirun, capsys):
     md = (multirun / "summary.md").read_text(encoding="utf-8")
     assert md in out and "**Best by bleu:** `1`" in md and "## Diverged runs" in md
     assert (multirun / "metric_vs_lr.png").stat().st_size > 1000
+    assert (multirun / "curves.png").stat().st_size > 1000 and "(curves.png)" in md
 
 
 def test_report_metric_and_out(multirun, tmp_path, capsys):

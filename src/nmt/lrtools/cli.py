@@ -22,7 +22,8 @@ commands:
   find     [training overrides] [--min 1e-7] [--max 1] [--steps 200] [--out DIR]
            LR range test from the initial weights: lr_find.png, lr_find.csv, a suggested peak LR
   report   MULTIRUN_DIR [--metric bleu] [--out DIR]
-           compare the runs of a sweep: summary.csv, summary.md, insights.json, metric_vs_lr.png
+           compare the runs of a sweep: summary.csv, summary.md, insights.json, metric_vs_lr.png,
+           curves.png
   diagnose RUN_DIR [--out DIR]
            explain a finished run: diagnosis.md, diagnosis.json, loss_curves.png, lr_gradnorm.png
 

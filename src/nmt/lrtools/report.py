@@ -73,11 +73,11 @@ def summarize(run: Run, keys: list[str], root: Path) -> dict:
     return row
 
 
-def gather(root: Path) -> tuple[list[dict], list[str]]:
-    """Table rows for every run under ``root``, and the distinguishing override keys."""
+def gather(root: Path) -> tuple[list[dict], list[str], list[Run]]:
+    """Table rows for every run under ``root``, the distinguishing override keys, and the runs."""
     runs = [load_run(p, need_metrics=False) for p in find_runs(root)]
     keys = distinguishing_keys(runs)
-    return [summarize(r, keys, Path(root)) for r in runs], keys
+    return [summarize(r, keys, Path(root)) for r in runs], keys, runs
 
 
 def rank_metric(rows: list[dict], wanted: Optional[str]) -> str:
@@ -185,7 +185,7 @@ def to_markdown(rows: list[dict], keys: list[str], info: dict) -> str:
         out += ["", f"Runs whose last validation after warmup shows the source ignored (src_gain below the "
                 f"threshold or under half the dev translations distinct): {', '.join(info['source_ignored'])}; "
                 "`lr.py diagnose RUN_DIR` explains each."]
-    out += ["", "![metrics vs peak LR](metric_vs_lr.png)", ""]
+    out += ["", "![metrics vs peak LR](metric_vs_lr.png)", "", "![validation curves](curves.png)", ""]
     return "\n".join(out)
 
 
@@ -212,9 +212,33 @@ def plot(path: Path, rows: list[dict], info: dict) -> Path:
     return save(fig, path)
 
 
+def plot_curves(path: Path, rows: list[dict], runs: list[Run], info: dict) -> Path:
+    """Each run's validation metrics against its step, one line per run (the runs overlaid)."""
+    plt = pyplot()
+    panels = [("valid_loss", "valid loss"), ("valid_bleu", "BLEU"), ("valid_chrf", "chrF"),
+              ("valid_src_gain", "src gain (nats/token)")]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+    for ax, (column, label) in zip(axes.flat, panels):
+        for r, run in zip(rows, runs):
+            pts = [(v["step"], v[column]) for v in run.valid_rows if finite(v.get(column))]
+            if not pts:
+                continue
+            tag = " ".join(f"{k.split('.')[-1]}={r[k]}" for k in info["distinguishing_overrides"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                    ls="--" if r["diverged"] else "-", label=tag or r["run"])
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        axes.flat[0].legend(handles, labels, fontsize=7)
+    fig.suptitle(f"validation curves of {len(rows)} runs (dashed = diverged)", fontsize=9)
+    return save(fig, path)
+
+
 def write(root: Path, out_dir: Path, metric: Optional[str] = None) -> tuple[list[Path], dict, str]:
-    """Gather, then write summary.csv, summary.md, insights.json and metric_vs_lr.png."""
-    rows, keys = gather(root)
+    """Gather, then write summary.csv, summary.md, insights.json, metric_vs_lr.png and curves.png."""
+    rows, keys, runs = gather(root)
     info = insights(rows, keys, rank_metric(rows, metric))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,5 +246,5 @@ def write(root: Path, out_dir: Path, metric: Optional[str] = None) -> tuple[list
     (out_dir / "summary.md").write_text(md, encoding="utf-8")
     (out_dir / "insights.json").write_text(json.dumps(json_safe(info), indent=2) + "\n", encoding="utf-8")
     paths = [write_csv(out_dir / "summary.csv", rows), out_dir / "summary.md", out_dir / "insights.json",
-             plot(out_dir / "metric_vs_lr.png", rows, info)]
+             plot(out_dir / "metric_vs_lr.png", rows, info), plot_curves(out_dir / "curves.png", rows, runs, info)]
     return paths, info, md
