@@ -78,7 +78,7 @@ class ModelConfig:
     activation_dropout: float = 0.1
     activation: str = "relu"           # relu | gelu
     norm: str = "pre"                  # pre | post
-    share_embeddings: str = "all"      # all | decoder | none
+    share_embeddings: str = "none"     # all | decoder | none (none measured best; README)
     max_positions: int = 1024
 
     @property
