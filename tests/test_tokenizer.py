@@ -167,3 +167,15 @@ def test_foreign_special_ids_are_rejected():
                                    vocab_size=12, minloglevel=2)  # default ids: unk=0, bos=1, eos=2
     with pytest.raises(ValueError, match="special ids"):
         Tokenizer(out.getvalue())
+
+
+def test_byte_fallback_spells_unseen_characters_instead_of_unk(cfg, tatoeba):
+    line = "고양이 🦀 뷁"                      # neither the emoji nor the syllable is in the training text
+    assert not any(c in "".join(tatoeba[0] + tatoeba[1]) for c in "🦀뷁")
+    plain = train_or_load(cfg, *tatoeba)
+    assert UNK in plain.encode_src([line])[0]
+    tok = train_or_load(replace(cfg, byte_fallback=True), *tatoeba)
+    ids = tok.encode_src([line])[0]
+    assert UNK not in ids and tok.decode_src(ids) == line
+    assert tok.decode_tgt_batch(tok.encode_tgt(tatoeba[1][:100])) == tatoeba[1][:100]
+    assert cache_key(cfg, *tatoeba) != cache_key(replace(cfg, byte_fallback=True), *tatoeba)

@@ -212,6 +212,7 @@ def _train_model(lines: list[str], cfg: TokenizerConfig, side: str) -> bytes:
             model_type=cfg.model_type,
             vocab_size=cfg.vocab_size,
             character_coverage=cfg.character_coverage,
+            byte_fallback=cfg.byte_fallback,
             input_sentence_size=cfg.input_sentence_size,
             shuffle_input_sentence=cfg.shuffle_input_sentence,
             num_threads=cfg.num_threads,
