@@ -165,7 +165,7 @@ class TrainConfig:
     src_gain_warn: float = 0.1         # warn when src_gain stays below this after warmup
     bucket_size: int = 100             # batches per length-sorted pool
     progress: bool = True              # tqdm progress bar
-    max_minutes: float = 0.0           # stop (validate, save) after this much training time (0 = no limit)
+    max_minutes: float = 0.0           # stop (validate, save) after this much time in this invocation (0 = no limit)
     threads: int = 0                   # torch CPU threads (0 = torch's default)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
