@@ -189,6 +189,11 @@ def to_markdown(rows: list[dict], keys: list[str], info: dict) -> str:
     return "\n".join(out)
 
 
+def _tag(row: dict, info: dict) -> str:
+    """The row's distinguishing overrides, short: "factor=0.5 warmup_steps=400"."""
+    return " ".join(f"{k.split('.')[-1]}={row[k]}" for k in info["distinguishing_overrides"])
+
+
 def plot(path: Path, rows: list[dict], info: dict) -> Path:
     plt = pyplot()
     panels = [("best_bleu", "BLEU"), ("best_chrf", "chrF"), ("best_valid_loss", "valid loss"),
@@ -203,8 +208,7 @@ def plot(path: Path, rows: list[dict], info: dict) -> Path:
             style = "x" if r["diverged"] else ("*" if r["run"] == best else "o")
             color = "tab:red" if r["diverged"] else ("tab:green" if r["run"] == best else "tab:blue")
             ax.plot([x], [y], style, color=color, ms=11 if style == "*" else 7)
-            tag = " ".join(f"{k.split('.')[-1]}={r[k]}" for k in info["distinguishing_overrides"])
-            ax.annotate(f"{r['run']} {tag}".strip(), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color="0.35")
+            ax.annotate(f"{r['run']} {_tag(r, info)}".strip(), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color="0.35")
         ax.set_xscale("log")
         ax.set_xlabel("peak LR")
         ax.set_ylabel(f"{label} at best step")
@@ -223,9 +227,8 @@ def plot_curves(path: Path, rows: list[dict], runs: list[Run], info: dict) -> Pa
             pts = [(v["step"], v[column]) for v in run.valid_rows if finite(v.get(column))]
             if not pts:
                 continue
-            tag = " ".join(f"{k.split('.')[-1]}={r[k]}" for k in info["distinguishing_overrides"])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                    ls="--" if r["diverged"] else "-", label=tag or r["run"])
+                    ls="--" if r["diverged"] else "-", label=_tag(r, info) or r["run"])
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
