@@ -106,9 +106,7 @@ class KVCache:
         if not cross:
             return self._copy_rows(index, self.cross_k, self.cross_v, self.beams, None)
         sent = index // self.beams if self.beams > 1 else index
-        pick = [t.index_select(0, sent) for t in self.cross_k + self.cross_v]
-        half = len(self.cross_k)
-        return self._copy_rows(index, pick[:half], pick[half:], 1, None)
+        return self._copy_rows(index, *self._cross_rows(sent), 1, None)
 
     def for_beams(self, index: Tensor, beams: int, capacity: Optional[int] = None) -> "KVCache":
         """Rows ``index`` [B' * beams] as B' sentences of ``beams`` hypotheses each.
@@ -126,8 +124,7 @@ class KVCache:
         if sent.shape[0] == self.sentences and bool((sent == torch.arange(self.sentences, device=sent.device)).all()):
             cross_k, cross_v = self.cross_k, self.cross_v            # every sentence, in order: nothing to copy
         else:
-            cross_k = [t.index_select(0, sent) for t in self.cross_k]
-            cross_v = [t.index_select(0, sent) for t in self.cross_v]
+            cross_k, cross_v = self._cross_rows(sent)
         return self._copy_rows(index, cross_k, cross_v, beams, capacity)
 
     def reorder_(self, index: Tensor, sentences: Optional[Tensor] = None) -> "KVCache":
@@ -150,8 +147,7 @@ class KVCache:
         if sentences is None:
             cross_k, cross_v = self.cross_k, self.cross_v
         else:
-            cross_k = [t.index_select(0, sentences) for t in self.cross_k]
-            cross_v = [t.index_select(0, sentences) for t in self.cross_v]
+            cross_k, cross_v = self._cross_rows(sentences)
         if room is None or not room.writable():
             return self._copy_rows(index, cross_k, cross_v, self.beams, None)
         rows = index.shape[0]
@@ -166,6 +162,11 @@ class KVCache:
         room.frontier = n
         return KVCache([k[:rows, :, :n] for k in room.k], [v[:rows, :, :n] for v in room.v],
                        cross_k, cross_v, n, self.beams, room, room.version)
+
+    def _cross_rows(self, sentences: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Cross K/V rows ``sentences`` [B'] of every layer (copies)."""
+        return ([t.index_select(0, sentences) for t in self.cross_k],
+                [t.index_select(0, sentences) for t in self.cross_v])
 
     def _copy_rows(self, index: Tensor, cross_k: list[Tensor], cross_v: list[Tensor], beams: int,
                    capacity: Optional[int]) -> "KVCache":
