@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmt.model.kernels import Dropout, attention, one_query_attention  # noqa: F401 (re-exported)
+
 KV = tuple[Tensor, Tensor]  # (keys, values), each [B, H, L, dh]
 # Cached self-attention state handed to a layer: key and value buffers
 # [B, H, capacity, dh] whose first ``start`` positions are filled and which
@@ -41,17 +43,6 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
     return x.view(b, t, heads, d // heads).transpose(1, 2)
 
 
-def one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Unmasked attention of one query per row: q [B,H,1,dh], k/v [B,H,L,dh] -> [B,H,1,dh].
-
-    A decoding step on the CPU: there SDPA's kernel has a fixed cost per
-    (row, head) that dominates at one query, and two batched matmuls are ~25%
-    faster (same result up to float rounding).
-    """
-    weights = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).softmax(dim=-1)
-    return torch.matmul(weights, v)
-
-
 class _Attention(nn.Module):
     """Shared parts of self- and cross-attention: the SDPA call and the output projection."""
 
@@ -63,14 +54,7 @@ class _Attention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> Tensor:
         """q [B,H,T,dh], k/v [B,H,S,dh], mask broadcastable to [B,H,T,S] -> [B,T,D]."""
-        if q.shape[2] == 1 and mask is None and not self.training and q.device.type == "cpu" \
-                and q.dtype == torch.float32:
-            out = one_query_attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
-            )
+        out = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
         b, h, t, dh = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, h * dh))
 
@@ -140,7 +124,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, ffn)
         self.fc2 = nn.Linear(ffn, d_model)
         self.act = {"relu": F.relu, "gelu": F.gelu}[activation]
-        self.drop = nn.Dropout(activation_dropout)
+        self.drop = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B,T,D] -> [B,T,D]."""
@@ -157,7 +141,7 @@ class _Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def inp(self, x: Tensor) -> Tensor:

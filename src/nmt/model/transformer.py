@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from nmt.config import ConfigError, ModelConfig
 from nmt.model.cache import KVCache
+from nmt.model.kernels import Dropout, linear_smoothed_cross_entropy
 from nmt.model.layers import DecoderLayer, EncoderLayer, sinusoidal_positions
 
 __all__ = ["KVCache", "Transformer"]
@@ -55,7 +56,7 @@ class Transformer(nn.Module):
                           else nn.Embedding(tgt_vocab_size, d, padding_idx=pad_id))
         # recomputed on load, so checkpoints stay small and max_positions can change
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, d), persistent=False)
-        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.embed_drop = Dropout(cfg.dropout)
 
         pre = cfg.norm == "pre"
         args = (d, cfg.heads, cfg.ffn, cfg.dropout, cfg.attention_dropout,
@@ -120,7 +121,16 @@ class Transformer(nn.Module):
 
     def decode(self, tgt: Tensor, memory: Optional[Tensor], src_mask: Tensor,
                cache: Optional[KVCache] = None) -> tuple[Tensor, KVCache]:
-        """Run target tokens through the decoder.
+        """Run target tokens through the decoder: logits [N,T,V] and the extended cache.
+
+        See :meth:`decode_states`, whose output this projects to the vocabulary.
+        """
+        states, new_cache = self.decode_states(tgt, memory, src_mask, cache)
+        return self.output_proj(states), new_cache
+
+    def decode_states(self, tgt: Tensor, memory: Optional[Tensor], src_mask: Tensor,
+                      cache: Optional[KVCache] = None) -> tuple[Tensor, KVCache]:
+        """Run target tokens through the decoder, up to (not including) the output projection.
 
         Without ``cache``: tgt [B,T] is the whole prefix (positions 0..T-1, causal
         mask); the returned cache holds all T positions and the cross-attention
@@ -130,7 +140,7 @@ class Transformer(nn.Module):
         ``memory`` is not used (may be None), the cross K/V come from the cache.
         src_mask [B,S] must match the source sentences: memory's rows, or
         cache.sentences (N // cache.beams) with a cache.
-        Returns logits [N,T,V] in the compute dtype and the extended cache.
+        Returns the final decoder states [N,T,D] in the compute dtype and the extended cache.
         """
         b, t = tgt.shape
         start = 0 if cache is None else cache.length
@@ -165,15 +175,28 @@ class Transformer(nn.Module):
             x, (k, v) = layer(x, kv, cross_mask, self_mask=self_mask, is_causal=causal, past=p, beams=beams)
             self_k.append(k)
             self_v.append(v)
-        logits = self.output_proj(self.decoder_norm(x))
         new_cache = KVCache(self_k, self_v, [kv[0] for kv in cross], [kv[1] for kv in cross], start + t,
                             beams, room, version)
-        return logits, new_cache
+        return self.decoder_norm(x), new_cache
 
-    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing: src [B,S], src_mask [B,S], tgt_in [B,T] -> logits [B,T,V]."""
-        logits, _ = self.decode(tgt_in, self.encode(src, src_mask), src_mask)
-        return logits
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, tgt_out: Optional[Tensor] = None,
+                label_smoothing: float = 0.0) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Teacher forcing: src [B,S], src_mask [B,S], tgt_in [B,T] -> logits [B,T,V].
+
+        With ``tgt_out`` [B,T] (labels, ``pad_id`` where there is none) it returns the
+        training loss instead: ``(loss_sum, nll_sum, n_tokens)`` over the non-pad
+        labels, label-smoothed by ``label_smoothing`` (see
+        :func:`~nmt.model.kernels.linear_smoothed_cross_entropy`). Only real positions
+        are projected, and the [tokens, V] logits are never stored: the output
+        projection and the loss over the vocabulary are the largest costs of a step.
+        """
+        states, _ = self.decode_states(tgt_in, self.encode(src, src_mask), src_mask)
+        if tgt_out is None:
+            return self.output_proj(states)
+        keep = tgt_out != self.pad_id
+        loss, nll = linear_smoothed_cross_entropy(states[keep], self.output_proj.weight, tgt_out[keep],
+                                                  label_smoothing)
+        return loss, nll, keep.sum()
 
 
 def _check_config(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
