@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from nmt.config import ConfigError, OptimConfig
-from nmt.schedules import (SCHEDULES, check_config, describe_schedule, lr_at, noam, noam_factor_for_peak,
-                           peak_lr, restart_position, warmup_end)
+from nmt.schedules import (SCHEDULES, check_config, decay_curve, describe_schedule, lr_at, noam,
+                           noam_factor_for_peak, peak_lr, restart_position, warmup_end, wsd_decay_start)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "optim"
 
@@ -166,3 +166,39 @@ def test_yaml_presets_match_the_schema(name):
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), raw))
     check_config(cfg, total_steps=100_000)
     assert lr_at(warmup_end(cfg), cfg, 256, total_steps=100_000) == pytest.approx(peak_lr(cfg, 256), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- wsd
+@pytest.mark.parametrize("shape", ["linear", "sqrt", "cosine"])
+def test_wsd_warms_up_holds_then_decays_to_the_floor_at_the_end(shape):
+    cfg = cfg_for("wsd", lr=2e-3, warmup_steps=10, decay_fraction=0.25, decay_shape=shape, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 256, total_steps=100) for s in range(1, 121)]
+    assert lrs[4] == pytest.approx(1e-3, rel=1e-12)                # halfway through warmup
+    assert all(lr == pytest.approx(2e-3, rel=1e-12) for lr in lrs[9:75])   # stable to the decay start
+    assert wsd_decay_start(100, 0.25, 10) == 75
+    decay = lrs[75:100]
+    assert all(a > b for a, b in zip(decay, decay[1:]))          # strictly falling ...
+    assert lrs[99] == pytest.approx(2e-4, rel=1e-12)               # ... to lr * min_lr_ratio at total_steps
+    assert all(lr == pytest.approx(2e-4, rel=1e-12) for lr in lrs[100:])   # the floor holds after
+
+
+def test_wsd_shapes_and_the_decay_never_starts_inside_warmup():
+    assert decay_curve(0.25, "linear") == pytest.approx(0.75)
+    assert decay_curve(0.25, "sqrt") == pytest.approx(0.5)
+    assert decay_curve(0.5, "cosine") == pytest.approx(0.5)
+    assert decay_curve(2.0, "linear") == 0.0 and decay_curve(-1.0, "sqrt") == 1.0
+    assert wsd_decay_start(100, 1.0, 30) == 30                     # decay over the whole run after warmup
+    cfg = cfg_for("wsd", lr=1.0, warmup_steps=30, decay_fraction=1.0)
+    assert lr_at(30, cfg, 8, 100) == 1.0 and lr_at(65, cfg, 8, 100) == pytest.approx(0.5)
+
+
+def test_wsd_needs_an_end_and_says_which_settings_give_one():
+    cfg = cfg_for("wsd", lr=1e-3, warmup_steps=10)
+    with pytest.raises(ConfigError, match="train.max_minutes"):
+        lr_at(5, cfg, 256)
+    assert lr_at(100, replace(cfg, total_steps=100), 256, total_steps=5000) == 0.0   # optim.total_steps wins
+    with pytest.raises(ConfigError, match="decay_shape"):
+        check_config(replace(cfg, decay_shape="exp"), 100)
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        check_config(replace(cfg, decay_fraction=0.0), 100)
+    assert "linear decay to 0.00e+00 at step 1000" in describe_schedule(cfg, 256, 1000)

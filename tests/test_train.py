@@ -86,3 +86,26 @@ def test_epoch_limit_and_epoch_validation(make_cfg, tmp_path):
     assert "max_epochs" in summary["stop_reason"]
     rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r["valid_loss"] is not None]
     assert len(rows) == 1 and rows[0]["epoch"] == pytest.approx(1.0)
+
+
+def test_wsd_under_a_time_budget_fixes_its_end_and_every_lr_is_recomputable(make_cfg, tmp_path, monkeypatch):
+    from nmt import budget
+    from nmt.lrtools.lrcheck import check_logged_lr
+    from nmt.lrtools.rundir import load_run
+
+    ticks = iter(range(10 ** 9))      # a clock that advances 0.02 s per reading: the run is the same on any machine
+    monkeypatch.setattr(budget, "now", lambda: 0.02 * next(ticks))
+
+    cfg = make_cfg("optim=wsd", "optim.lr=3e-3", "optim.warmup_steps=5", "optim.decay_fraction=0.5",
+                   "train.max_steps=0", "train.max_epochs=0", "train.max_minutes=0.08", "train.log_every=1")
+    summary = train(cfg, tmp_path)
+    run = load_run(tmp_path)
+    total = run.summary["schedule_total_steps"]
+    assert 5 < total < 10 ** 9 and run.summary["train_seconds"] > 0
+    assert ("end of the wsd schedule" in summary["stop_reason"]) or ("max_minutes" in summary["stop_reason"])
+    check = check_logged_lr(run.rows, run.lr_text, run.cfg, run.summary.get("updates_per_epoch"), run.summary)
+    assert check.checked > 10 and check.mismatches == []
+    lrs = [r["lr"] for r in run.rows if r["lr"] is not None and r["valid_loss"] is None]
+    assert max(lrs) == pytest.approx(3e-3) and lrs[-1] < 3e-3      # it reached the decay
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["budget"]["fixed_total"] == total and ckpt["budget"]["seconds"] > 0

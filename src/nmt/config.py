@@ -93,14 +93,16 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "noam"                 # noam | inverse_sqrt | cosine | cosine_restarts | constant | plateau
+    name: str = "noam"                 # noam | inverse_sqrt | cosine | cosine_restarts | constant | plateau | wsd
     factor: float = 1.0                # noam: lr = factor * d_model^-0.5 * min(step^-0.5, step*warmup^-1.5)
     peak_lr: Optional[float] = None    # noam: when set, factor is derived so the peak equals this
     lr: float = 5e-4                   # peak LR of the other schedules
     warmup_steps: int = 4000
     warmup_init_lr: float = 0.0        # inverse_sqrt / cosine / constant: LR at step 0 of warmup
     total_steps: Optional[int] = None  # cosine: decay length (default: train.max_steps)
-    min_lr_ratio: float = 0.0          # cosine: floor as a fraction of lr
+    min_lr_ratio: float = 0.0          # cosine / cosine_restarts / wsd: floor as a fraction of lr
+    decay_fraction: float = 0.2        # wsd: share of the run spent decaying at the end
+    decay_shape: str = "linear"        # wsd: linear | sqrt (1 - sqrt) | cosine
     restart_period: int = 10000        # cosine_restarts: first period (steps after warmup)
     period_mult: float = 1.0           # cosine_restarts: each period is this much longer
     plateau_factor: float = 0.5        # plateau: multiply LR by this ...
@@ -181,7 +183,7 @@ class Config:
     # defaults of the translator, stored in every checkpoint (scripts/translate.py flags override them)
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(beam_size=5, nbest=1))
     device: str = "auto"               # auto | cpu | cuda
-    precision: str = "auto"            # auto (bf16 on CUDA when supported, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"            # auto (bf16 autocast on GPUs with bf16 and, for training, CPUs with native bf16) | fp32 | bf16
 
 
 # ----------------------------------------------------------------------------- choices
@@ -190,7 +192,8 @@ CHOICES: dict[str, tuple] = {
     "model.activation": ("relu", "gelu"),
     "model.norm": ("pre", "post"),
     "model.share_embeddings": ("all", "decoder", "none"),
-    "optim.name": ("noam", "inverse_sqrt", "cosine", "cosine_restarts", "constant", "plateau"),
+    "optim.name": ("noam", "inverse_sqrt", "cosine", "cosine_restarts", "constant", "plateau", "wsd"),
+    "optim.decay_shape": ("linear", "sqrt", "cosine"),
     "train.early_stopping.metric": ("valid_loss", "bleu", "chrf"),
     "valid.decode.length_penalty_mode": ("power", "gnmt"),
     "decode.length_penalty_mode": ("power", "gnmt"),
@@ -240,6 +243,10 @@ def validate_optim(o: OptimConfig) -> None:
         _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
         _require(o.warmup_init_lr >= 0, f"optim.warmup_init_lr must be >= 0, got {o.warmup_init_lr}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _require(0.0 < o.decay_fraction <= 1.0, f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+    _require(o.decay_shape in CHOICES["optim.decay_shape"],
+             f"optim.decay_shape={o.decay_shape!r} is not valid; choose one of: "
+             f"{', '.join(CHOICES['optim.decay_shape'])}")
     _require(o.restart_period >= 1, f"optim.restart_period must be >= 1, got {o.restart_period}")
     _require(o.period_mult >= 1.0, f"optim.period_mult must be >= 1, got {o.period_mult}")
     _require(0.0 < o.plateau_factor <= 1.0, f"optim.plateau_factor must be in (0, 1], got {o.plateau_factor}")
@@ -247,6 +254,7 @@ def validate_optim(o: OptimConfig) -> None:
     _require(o.min_lr is None or o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
     _require(o.min_lr is None or o.max_lr is None or o.min_lr <= o.max_lr,
              f"optim.min_lr ({o.min_lr}) must be <= optim.max_lr ({o.max_lr})")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
              f"optim.betas must be two values in [0, 1), got {o.betas}")
 

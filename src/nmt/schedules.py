@@ -98,6 +98,42 @@ def cosine_restarts(step: int, lr: float, warmup: int, restart_period: int, peri
     return _half_cosine(pos / length, lr, lr * min_lr_ratio)
 
 
+def decay_curve(progress: float, shape: str) -> float:
+    """The WSD decay's multiplier, 1 at progress 0 down to 0 at progress 1 (clamped to [0, 1]).
+
+    ``linear``: 1 - p; ``sqrt``: 1 - sqrt(p) (Hägele et al., 2024, who found it
+    slightly better than linear); ``cosine``: a half cosine.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if shape == "linear":
+        return 1.0 - p
+    if shape == "sqrt":
+        return 1.0 - math.sqrt(p)
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    raise ConfigError(f"optim.decay_shape={shape!r} is not valid; choose one of: {', '.join(CHOICES['optim.decay_shape'])}")
+
+
+def wsd_decay_start(total_steps: int, decay_fraction: float, warmup: int) -> int:
+    """The last step at full LR before the decay: ``total - round(fraction * total)``, not before warmup ends."""
+    return max(int(warmup), int(total_steps) - round(decay_fraction * total_steps))
+
+
+def wsd(step: int, lr: float, warmup: int, total_steps: int, decay_fraction: float = 0.2,
+        shape: str = "linear", min_lr_ratio: float = 0.0, warmup_init_lr: float = 0.0) -> float:
+    """Warmup-stable-decay: linear warmup to ``lr``, ``lr`` until the last ``decay_fraction`` of
+    ``total_steps``, then down to ``lr * min_lr_ratio`` at ``total_steps`` along ``shape``
+    (the floor holds after that). A budget that ends in a decay to zero beats one still at a
+    high LR when it runs out (Hägele et al., 2024; Bergsma et al., 2025, "Straight to Zero")."""
+    if step < warmup:
+        return linear_warmup(step, warmup, warmup_init_lr, lr)
+    start = wsd_decay_start(total_steps, decay_fraction, warmup)
+    if step <= start:
+        return lr
+    floor = lr * min_lr_ratio
+    return floor + (lr - floor) * decay_curve((step - start) / max(total_steps - start, 1), shape)
+
+
 # ----------------------------------------------------------------------------- config level
 def warmup_end(cfg: OptimConfig) -> int:
     """The last warmup step, where every schedule reaches its peak (0 = no warmup)."""
@@ -111,12 +147,20 @@ def noam_factor(cfg: OptimConfig, d_model: int) -> float:
     return cfg.factor
 
 
+def needs_total_steps(cfg: OptimConfig) -> bool:
+    """Whether the schedule's shape depends on where training ends."""
+    return cfg.name in ("cosine", "wsd")
+
+
 def decay_steps(cfg: OptimConfig, total_steps: Optional[int] = None) -> int:
-    """The cosine decay length: ``optim.total_steps``, else ``total_steps`` (= train.max_steps)."""
+    """Where the cosine or WSD decay ends: ``optim.total_steps``, else ``total_steps`` (the
+    trainer's: train.max_steps, max_epochs x updates per epoch, or the estimate under
+    train.max_minutes)."""
     total = cfg.total_steps or total_steps
     if not total:
-        raise ConfigError(f"optim.name={cfg.name} needs to know when training ends: "
-                          "set optim.total_steps or train.max_steps")
+        timed = ", or train.max_minutes" if cfg.name == "wsd" else ""
+        raise ConfigError(f"optim.name={cfg.name} needs to know when training ends: set optim.total_steps or "
+                          f"train.max_steps (or train.max_epochs{timed})")
     if total <= cfg.warmup_steps:
         key = "optim.total_steps" if cfg.total_steps else "train.max_steps"
         raise ConfigError(f"{key} ({total}) must be greater than optim.warmup_steps ({cfg.warmup_steps}) "
@@ -143,6 +187,9 @@ def unclipped_lr_at(step: int, cfg: OptimConfig, d_model: int, total_steps: Opti
         return inverse_sqrt(step, lr, w, init)
     if name == "cosine":
         return cosine(step, lr, w, decay_steps(cfg, total_steps), cfg.min_lr_ratio, init)
+    if name == "wsd":
+        return wsd(step, lr, w, decay_steps(cfg, total_steps), cfg.decay_fraction, cfg.decay_shape,
+                   cfg.min_lr_ratio, init)
     if name == "cosine_restarts":
         return cosine_restarts(step, lr, w, cfg.restart_period, cfg.period_mult, cfg.min_lr_ratio, init)
     if name in ("constant", "plateau"):    # plateau = constant times the wrapper's scale
@@ -174,7 +221,7 @@ def peak_lr(cfg: OptimConfig, d_model: int) -> float:
 def check_config(cfg: OptimConfig, total_steps: Optional[int] = None) -> None:
     """Range checks for the schedule settings, including those that need ``total_steps``."""
     validate_optim(cfg)
-    if cfg.name == "cosine":
+    if needs_total_steps(cfg):
         decay_steps(cfg, total_steps)
 
 
@@ -198,6 +245,11 @@ def describe_schedule(cfg: OptimConfig, d_model: int, total_steps: Optional[int]
         elif name == "cosine":
             total = decay_steps(cfg, total_steps)
             tail = f"cosine decay to {_num(cfg.lr * cfg.min_lr_ratio)} at step {total}"
+        elif name == "wsd":
+            total = decay_steps(cfg, total_steps)
+            start = wsd_decay_start(total, cfg.decay_fraction, w)
+            tail = (f"constant to step {start}, then {cfg.decay_shape} decay to "
+                    f"{_num(cfg.lr * cfg.min_lr_ratio)} at step {total}")
         elif name == "cosine_restarts":
             tail = (f"cosine periods of {cfg.restart_period} steps (x{cfg.period_mult:g} each) "
                     f"restarting at {_num(cfg.lr)}, floor {_num(cfg.lr * cfg.min_lr_ratio)}")

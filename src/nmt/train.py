@@ -18,20 +18,26 @@ import torch
 from omegaconf import OmegaConf
 
 from nmt.batching import TokenBatchSampler, collate
+from nmt.budget import TimeBudget
 from nmt.checkpoint import FORMAT, CheckpointManager, all_finite, check_compatible, load_resume_checkpoint
 from nmt.config import Config, from_dict, to_dict
 from nmt.data import PreparedData, prepare_data
 from nmt.early_stopping import EarlyStopping
 from nmt.evaluate import blind_sources, corpus_loss, corpus_scores, make_batches, translate_ids
-from nmt.loss import label_smoothed_nll
 from nmt.metrics import MetricsLogger
 from nmt.model import Transformer
 from nmt.optim import ScheduledOptimizer, build_optimizer, describe_schedule, peak_lr, warmup_end
 from nmt.runtime import (StopSignal, autocast_dtype, configure_backends, rng_state, seed_everything,
                          select_device, set_rng_state)
+from nmt.schedules import wsd_decay_start
+from nmt.step import accumulate_gradients
 from nmt.tokenizer import PAD, Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+# the provisional end of a schedule whose end the time budget sets: far enough to keep any decay away
+UNKNOWN_END = 10 ** 12
 
 
 class TrainingError(Exception):
@@ -44,7 +50,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = select_device(cfg.device)
-        self.amp = autocast_dtype(cfg.precision, self.device)
+        self.amp = autocast_dtype(cfg.precision, self.device, training=True)
+        self.eval_amp = autocast_dtype(cfg.precision, self.device)    # validation decodes as the translator does
         configure_backends(self.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -60,8 +67,12 @@ class Trainer:
         self.sampler = TokenBatchSampler(self.data.train_src_lens, self.data.train_tgt_lens, t.max_tokens,
                                          seed=t.seed, bucket_size=t.bucket_size)
         self.model = Transformer(cfg.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size, PAD).to(self.device)
-        total = t.max_steps or (t.max_epochs * math.ceil(len(self.sampler) / t.accumulate))
-        self.total_steps = total
+        # the run's length in steps when steps or epochs bound it (0: only the time budget does)
+        self.total_steps = t.max_steps or (t.max_epochs * math.ceil(len(self.sampler) / t.accumulate))
+        self.budget = TimeBudget(t.max_minutes)
+        # a decaying schedule whose end comes from the time budget: estimated as training goes
+        self.timed_end = cfg.optim.name == "wsd" and not cfg.optim.total_steps and t.max_minutes > 0
+        total = self.total_steps or (UNKNOWN_END if self.timed_end else 0)
         self.opt: ScheduledOptimizer = build_optimizer(self.model.parameters(), cfg.optim, cfg.model.d_model, total)
         self.stopper = EarlyStopping(t.early_stopping.metric, t.early_stopping.patience, t.early_stopping.min_delta)
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
@@ -95,6 +106,9 @@ class Trainer:
         self.stopper.load_state_dict(obj["early_stopping"])
         set_rng_state(obj["rng"])
         self.step = obj["step"]
+        self.budget.load_state_dict(obj.get("budget", {}))
+        if self.timed_end and self.budget.fixed_total:
+            self.opt.total_steps = self.budget.fixed_total
         self.skipped = obj.get("skipped_steps", 0)
         self.last_valid = dict(obj.get("metrics", {}))
 
@@ -107,7 +121,13 @@ class Trainer:
         log.info("data %s: %d training pairs, %d dev pairs; vocab %d/%d; %d batches per epoch (max_tokens %d)",
                  self.cfg.data.name, len(self.data.train_src), len(self.data.dev_src), self.tok.src_vocab_size,
                  self.tok.tgt_vocab_size, len(self.sampler), self.cfg.train.max_tokens)
-        log.info(describe_schedule(self.cfg.optim, self.cfg.model.d_model, self.total_steps))
+        if self.timed_end and not self.budget.fixed_total:
+            log.info("%s schedule: peak LR %.2e after %d warmup steps; the decay takes the last %g%% of the run, "
+                     "whose end is estimated from train.max_minutes=%g as training goes", self.cfg.optim.name,
+                     peak_lr(self.cfg.optim, self.cfg.model.d_model), self.cfg.optim.warmup_steps,
+                     100 * self.cfg.optim.decay_fraction, self.cfg.train.max_minutes)
+        else:
+            log.info(describe_schedule(self.cfg.optim, self.cfg.model.d_model, self.opt.total_steps))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -115,6 +135,7 @@ class Trainer:
         reason = self._already_done()          # a resumed run may have ended just before it was killed
         window = {"loss": 0.0, "tokens": 0, "real": 0, "padded": 0, "norm": 0.0, "n": 0, "t0": time.time()}
         start = time.time()
+        self.budget.start(self.step)
         bar = _progress(t.progress, self.total_steps, self.step)
         with StopSignal() as stop:
             while reason is None:
@@ -134,6 +155,8 @@ class Trainer:
                     continue
                 self.step += 1
                 self.bad_in_row = 0
+                if self.timed_end:
+                    self._estimate_schedule_end()
                 _accumulate(window, loss, norm, ntok, batches)
                 if self.step % t.log_every == 0:
                     self._log_train(window, bar)
@@ -143,8 +166,8 @@ class Trainer:
                     self._save()
                 if reason is None and t.max_steps and self.step >= t.max_steps:
                     reason = f"reached train.max_steps={t.max_steps}"
-                if reason is None and t.max_minutes and time.time() - start >= 60 * t.max_minutes:
-                    reason = f"reached train.max_minutes={t.max_minutes:g}"
+                if reason is None:
+                    reason = self._budget_reason()
                 if reason is None and stop.received:
                     reason = f"interrupted by {stop.received}"
                 bar.update(1)
@@ -162,7 +185,37 @@ class Trainer:
             return f"reached train.max_steps={t.max_steps}"
         if t.max_epochs and self.sampler.epoch >= t.max_epochs:
             return f"reached train.max_epochs={t.max_epochs}"
-        return self._early_stop_reason()
+        return self._budget_reason() or self._early_stop_reason()
+
+    def _budget_reason(self) -> Optional[str]:
+        if self.budget.expired():
+            return f"reached train.max_minutes={self.cfg.train.max_minutes:g}"
+        if self.timed_end and self.budget.fixed_total and self.step >= self.budget.fixed_total:
+            return (f"reached the end of the {self.cfg.optim.name} schedule at step {self.step} "
+                    f"(estimated from train.max_minutes={self.cfg.train.max_minutes:g})")
+        return None
+
+    def _estimate_schedule_end(self) -> None:
+        """Under a time budget: move the schedule's end to the current estimate until the decay
+        starts, then fix it (see nmt.budget)."""
+        if self.budget.fixed_total:
+            return
+        estimate = self.budget.estimate_total(self.step)
+        if estimate is None:
+            return
+        o = self.cfg.optim
+        total = min(estimate, self.total_steps) if self.total_steps else estimate
+        total = max(total, o.warmup_steps + 1)         # a budget shorter than the warmup decays right after it
+        if self.step < wsd_decay_start(total, o.decay_fraction, o.warmup_steps):
+            self.opt.total_steps = total
+            return
+        # the decay starts now: no earlier step may fall inside it, so its start is this step at the earliest
+        while wsd_decay_start(total, o.decay_fraction, o.warmup_steps) < self.step:
+            total += max(1, self.step - wsd_decay_start(total, o.decay_fraction, o.warmup_steps))
+        self.opt.total_steps = self.budget.fixed_total = total
+        log.info("time budget: the LR decay starts after step %d and ends at step %d (%.2f s per update so far, "
+                 "%.1f of %g minutes used)", self.step, total, self.budget.seconds / max(self.step, 1),
+                 self.budget.seconds / 60, self.cfg.train.max_minutes)
 
     def _early_stop_reason(self) -> Optional[str]:
         if not self.stopper.should_stop:
@@ -182,20 +235,12 @@ class Trainer:
     def _update(self, batches) -> tuple[float, float, int, bool]:
         """One optimizer update over ``batches``; loss normalised by their target tokens."""
         t = self.cfg.train
-        total = sum(b.n_tgt_tokens for b in batches)
         self.model.train()
         self.opt.zero_grad()
-        loss_sum = 0.0
-        for b in batches:
-            b = b.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                logits = self.model(b.src, b.src_mask, b.tgt_in)
-            loss, _, _ = label_smoothed_nll(logits, b.tgt_out, PAD, t.label_smoothing)
-            (loss / total).backward()
-            loss_sum += loss.item()
+        loss, total = accumulate_gradients(self.model, batches, self.device, self.amp, t.label_smoothing)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
         norm = float(norm)
-        ok = math.isfinite(loss_sum) and math.isfinite(norm)
+        ok = math.isfinite(loss) and math.isfinite(norm)
         if ok:
             try:
                 self.opt.step()
@@ -204,7 +249,7 @@ class Trainer:
                             f"{self.opt.lr:.3g}: {str(e).splitlines()[0]}", "optimizer update failed")
         else:
             self.opt.zero_grad()
-        return loss_sum / max(total, 1), norm, total, ok
+        return loss, norm, total, ok
 
     def _bad_update(self, loss: float, norm: float) -> Optional[str]:
         self.bad_in_row += 1
@@ -243,10 +288,11 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         v = self.cfg.valid
-        real = corpus_loss(self.model, self.dev_batches, self.device, self.amp)
-        blind = corpus_loss(self.model, self.blind_batches, self.device, self.amp)
+        real = corpus_loss(self.model, self.dev_batches, self.device, self.eval_amp)
+        blind = corpus_loss(self.model, self.blind_batches, self.device, self.eval_amp)
         n = v.max_sentences or len(self.data.dev_src)
-        out = translate_ids(self.model, self.data.dev_src[:n], v.decode, self.device, v.batch_size, 0, self.amp)
+        out = translate_ids(self.model, self.data.dev_src[:n], v.decode, self.device, v.batch_size, 0,
+                            self.eval_amp)
         hyps = [self.tok.decode_tgt(h[0]) if h else "" for h in out]
         s = corpus_scores(hyps, self.data.dev_ref_text[:n])
         for i in range(min(v.samples, n)):
@@ -286,6 +332,7 @@ class Trainer:
             "tokenizer": self.tok.to_state(), "decode": to_dict(self.cfg.decode), "step": self.step,
             "epoch": self._epoch(), "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
             "rng": rng_state(), "early_stopping": self.stopper.state_dict(), "skipped_steps": self.skipped,
+            "budget": self.budget.state_dict(),
             "metrics": {k: float(v) for k, v in self.last_valid.items()},
         }, best=best, periodic=periodic)
 
@@ -295,6 +342,7 @@ class Trainer:
                    "best_metric": self.stopper.metric, "best": self.stopper.best, "best_step": self.stopper.best_step,
                    "skipped_steps": self.skipped, "updates_per_epoch": len(self.sampler) / self.cfg.train.accumulate,
                    "peak_lr": peak_lr(self.cfg.optim, self.cfg.model.d_model), "seconds": round(seconds, 1),
+                   "train_seconds": round(self.budget.seconds, 1), "schedule_total_steps": self.opt.total_steps,
                    "last_valid": self.last_valid}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         return summary

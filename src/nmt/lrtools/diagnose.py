@@ -79,8 +79,8 @@ def diagnose(run: Run, th: Thresholds = Thresholds()) -> Diagnosis:
     if cfg is None:
         lines.append(f"config: {run.cfg_note}; the LR formula, warmup and advice need it")
     else:
-        lines.append(describe_schedule(cfg.optim, cfg.model.d_model, total_steps(cfg, per_epoch)))
-        d.lr_check = check_logged_lr(run.rows, run.lr_text, cfg, per_epoch)
+        lines.append(describe_schedule(cfg.optim, cfg.model.d_model, total_steps(cfg, per_epoch, run.summary)))
+        d.lr_check = check_logged_lr(run.rows, run.lr_text, cfg, per_epoch, run.summary)
         c = d.lr_check
         facts.update(lr_checked=c.checked, lr_mismatches=len(c.mismatches), lr_max_rel_err=c.max_rel_err)
         if c.checked and not c.mismatches:
@@ -210,7 +210,7 @@ def plot_lr_gradnorm(d: Diagnosis, path: Path) -> Path:
     a1.plot([r["step"] for r in rows], [r["lr"] for r in rows], ".", ms=3, color="tab:blue", label="logged LR")
     cfg = d.run.cfg
     if cfg is not None and rows:
-        total = total_steps(cfg, d.facts.get("updates_per_epoch"))
+        total = total_steps(cfg, d.facts.get("updates_per_epoch"), d.run.summary)
         last = int(rows[-1]["step"])
         xs = sorted({max(1, round(last * i / 400)) for i in range(401)})
         try:

@@ -110,14 +110,14 @@ def range_test(cfg: Config, lo: float, hi: float, steps: int, beta: float = 0.9,
 
     from nmt.batching import TokenBatchSampler, collate
     from nmt.data import prepare_data
-    from nmt.loss import label_smoothed_nll
     from nmt.model import Transformer
     from nmt.runtime import autocast_dtype, seed_everything, select_device
+    from nmt.step import accumulate_gradients
     from nmt.tokenizer import PAD
 
     lrs = lr_ladder(lo, hi, steps)
     device = select_device(cfg.device)
-    amp = autocast_dtype(cfg.precision, device)
+    amp = autocast_dtype(cfg.precision, device, training=True)
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
     tok, t = data.tokenizer, cfg.train
@@ -136,16 +136,7 @@ def range_test(cfg: Config, lo: float, hi: float, steps: int, beta: float = 0.9,
         opt.zero_grad(set_to_none=True)
         group = [collate([data.train_src[j] for j in idx], [data.train_tgt[j] for j in idx], idx)
                  for idx in (next(batches) for _ in range(t.accumulate))]
-        n_tokens = sum(b.n_tgt_tokens for b in group)
-        loss_sum = 0.0
-        for b in group:
-            b = b.to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(b.src, b.src_mask, b.tgt_in)
-            loss, _, _ = label_smoothed_nll(logits, b.tgt_out, PAD, t.label_smoothing)
-            (loss / n_tokens).backward()
-            loss_sum += loss.item()
-        loss = loss_sum / max(n_tokens, 1)
+        loss, _ = accumulate_gradients(model, group, device, amp, t.label_smoothing)
         # the same smoothing as stats.ema_smooth, one value at a time
         avg = beta * avg + (1 - beta) * loss
         smooth = avg / (1 - beta ** (i + 1))

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from nmt.config import Config
 from nmt.early_stopping import METRICS
 from nmt.lrtools.stats import fmt_lr, median, nice_below
-from nmt.schedules import lr_at, noam_factor_for_peak, peak_lr
+from nmt.schedules import lr_at, needs_total_steps, noam_factor_for_peak, peak_lr
 
 REL_TOL = 1e-9
 
@@ -67,9 +67,13 @@ def plateau_first_reduction(valid_rows: Sequence[dict], cfg: Config) -> Optional
     return None
 
 
-def total_steps(cfg: Config, per_epoch: Optional[float]) -> Optional[int]:
-    """The trainer's total_steps: train.max_steps, else max_epochs * ceil(updates per epoch)."""
+def total_steps(cfg: Config, per_epoch: Optional[float], summary: Optional[dict] = None) -> Optional[int]:
+    """The trainer's total_steps: what summary.json recorded (the schedule's end, which a time
+    budget may have set), else train.max_steps, else max_epochs * ceil(updates per epoch)."""
     t = cfg.train
+    recorded = (summary or {}).get("schedule_total_steps")
+    if recorded:
+        return int(recorded)
     if t.max_steps:
         return int(t.max_steps)
     if t.max_epochs and per_epoch:
@@ -78,13 +82,15 @@ def total_steps(cfg: Config, per_epoch: Optional[float]) -> Optional[int]:
 
 
 def check_logged_lr(rows: Sequence[dict], lr_text: Sequence[Optional[str]], cfg: Config,
-                    per_epoch: Optional[float]) -> LRCheck:
-    """Compare every row's logged LR with ``lr_at(step)`` under ``cfg``."""
+                    per_epoch: Optional[float], summary: Optional[dict] = None) -> LRCheck:
+    """Compare every row's logged LR with ``lr_at(step)`` under ``cfg`` (and the schedule end
+    recorded in ``summary``)."""
     out = LRCheck()
     o = cfg.optim
-    if o.name == "cosine" and not o.total_steps and total_steps(cfg, per_epoch) is None:
-        out.notes.append("cosine decay length unknown (no optim.total_steps, train.max_steps or updates per "
-                         "epoch): LR not checked")
+    total = total_steps(cfg, per_epoch, summary)
+    if needs_total_steps(o) and not o.total_steps and total is None:
+        out.notes.append(f"{o.name} decay length unknown (no optim.total_steps, train.max_steps, updates per "
+                         "epoch or schedule_total_steps in summary.json): LR not checked")
         return out
     last = math.inf
     if o.name == "plateau":
@@ -94,7 +100,6 @@ def check_logged_lr(rows: Sequence[dict], lr_text: Sequence[Optional[str]], cfg:
             last = first
             out.notes.append(f"plateau schedule: its scale depends on validation results, so the LR was checked "
                              f"only up to step {first}, where the first reduction happened")
-    total = total_steps(cfg, per_epoch)
     for r, text in zip(rows, lr_text):
         step, lr = r.get("step"), r.get("lr")
         if step is None or lr is None or step < 1 or step > last:
