@@ -27,6 +27,9 @@ from typing import Callable
 
 import torch
 
+from nmt.benchmarks import train as bench_train
+from nmt.benchmarks.common import device_name, hf_marian, sync
+
 BOS, EOS, PAD = 2, 3, 0
 
 
@@ -35,17 +38,12 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], int], device: torch.device) -> tuple[float, float, int]:
     """Run fn (returns generated tokens) -> (wall seconds, process CPU seconds, tokens)."""
-    _sync(device)
+    sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     tokens = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, time.process_time() - cpu, tokens
 
 
@@ -69,29 +67,11 @@ def _our_model(args: argparse.Namespace, device: torch.device):
             from nmt.checkpoint import load_for_inference
         except ImportError as e:
             _fail(f"--checkpoint needs nmt.checkpoint.load_for_inference, which is unavailable ({e})")
-        model, _tokenizer, _decode_cfg = load_for_inference(args.checkpoint)
+        model = load_for_inference(args.checkpoint)[0]
         return model.to(device).eval()
     cfg = ModelConfig(d_model=args.d_model, layers=args.layers, heads=args.heads, ffn=args.ffn,
                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     return Transformer(cfg, args.vocab, args.vocab, pad_id=PAD).to(device).eval()
-
-
-def _hf_model(model, device: torch.device):
-    """MarianMTModel with our model's shape, random init, eval mode."""
-    try:
-        from transformers import MarianConfig, MarianMTModel
-    except ImportError:
-        _fail("--compare-hf needs Hugging Face transformers: pip install transformers (or pip install -e .[bench])")
-    c = model.cfg
-    cfg = MarianConfig(
-        vocab_size=model.tgt_vocab_size, d_model=c.d_model,
-        encoder_layers=c.n_encoder_layers, decoder_layers=c.n_decoder_layers,
-        encoder_attention_heads=c.heads, decoder_attention_heads=c.heads,
-        encoder_ffn_dim=c.ffn, decoder_ffn_dim=c.ffn, activation_function=c.activation,
-        max_position_embeddings=c.max_positions, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, decoder_start_token_id=BOS,
-        forced_eos_token_id=None, scale_embedding=True)
-    return MarianMTModel(cfg).to(device).eval()
 
 
 def _source_batch(batch: int, src_len: int, vocab: int, seed: int, device: torch.device):
@@ -126,7 +106,7 @@ def cmd_decode(args: argparse.Namespace) -> dict:
     if args.floor:
         runners["floor"] = _arithmetic_floor(model, args, device)
     if args.compare_hf:
-        hf = _hf_model(model, device)
+        hf = hf_marian(model, device)
 
         def theirs(steps: int = args.steps) -> int:
             with torch.inference_mode():
@@ -153,7 +133,7 @@ def cmd_decode(args: argparse.Namespace) -> dict:
     result = {
         "benchmark": "decode",
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": _device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+        "device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "model": {"d_model": model.cfg.d_model, "encoder_layers": model.cfg.n_encoder_layers,
                   "decoder_layers": model.cfg.n_decoder_layers, "heads": model.cfg.heads, "ffn": model.cfg.ffn,
@@ -235,16 +215,11 @@ def _arithmetic_floor(model, args: argparse.Namespace, device: torch.device) -> 
     return run
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
-
-
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    bench_train.add_parser(sub)
     d = sub.add_parser("decode", help="beam-search throughput (optionally against HF MarianMT)")
     d.add_argument("--checkpoint", help="a trained checkpoint instead of a random model of the shape below")
     d.add_argument("--d-model", type=int, default=256)

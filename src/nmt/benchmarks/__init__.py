@@ -1,0 +1,1 @@
+"""Benchmarks behind ``scripts/bench.py``: each prints figures as one JSON object."""
