@@ -26,11 +26,12 @@ def lognormal_lengths(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
 
 @pytest.fixture(scope="module")
 def real_lengths(data_root: Path) -> tuple[list[int], list[int]]:
-    """Word counts of the real tatoeba training split (+1 for EOS / BOS)."""
-    d = data_root / "tatoeba-ko-en"
-    ko = (d / "train.ko").read_text(encoding="utf-8").splitlines()
-    en = (d / "train.en").read_text(encoding="utf-8").splitlines()
-    return [len(x.split()) + 1 for x in ko], [len(x.split()) + 1 for x in en]
+    """Word counts of the embedded bible corpus's training split (+1 for EOS / BOS)."""
+    from nmt.config import DataConfig
+    from nmt.corpus import load_split
+
+    pairs = load_split(DataConfig(name="bible-ko-en", root=str(data_root)), "train")
+    return [len(ko.split()) + 1 for ko, _ in pairs], [len(en.split()) + 1 for _, en in pairs]
 
 
 # ---------------------------------------------------------------------- collate

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import QUICK, has_corpus
 from nmt.config import DataConfig, DownloadConfig, repo_data_dir
 from nmt.corpus import (
     CorpusError,
@@ -170,12 +171,18 @@ def test_missing_files_and_unknown_split(tmp_path):
         find_split(data, "valid")
 
 
-def test_real_tatoeba_slice(data_root):
-    data = DataConfig(name="tatoeba-ko-en", root=str(data_root), train_limit=100)
+# pairs per split of the real corpora (their READMEs); extra corpora get a case only when present
+REAL_SIZES = {"bible-ko-en": (28839, 1000, 1000), QUICK: (3359, 108, 118), "tatoeba-ko-en": (2718, 300, 300)}
+
+
+@pytest.mark.parametrize("name", [n for n in REAL_SIZES if n != "tatoeba-ko-en" or has_corpus(n)])
+def test_real_corpus_slices(data_root, name):
+    data = DataConfig(name=name, root=str(data_root), train_limit=100)
     train = load_split(data, "train")
     assert len(train) == 100 and all(ko and en for ko, en in train)
-    assert len(read_parallel(*find_split(data, "train"))) == 2718
-    assert len(load_split(data, "dev")) == len(load_split(data, "test")) == 300
+    sizes = tuple(len(read_parallel(*find_split(data, split))) for split in ("train", "dev", "test"))
+    assert sizes == REAL_SIZES[name]
+    assert len(load_split(data, "dev")) == REAL_SIZES[name][1]
 
 
 # ----------------------------------------------------------------------------- download

@@ -261,6 +261,6 @@ def test_learning_rate_beyond_float32_is_an_abort_not_a_traceback(run, data_root
 @pytest.mark.slow
 def test_resume_with_another_model_shape_or_tokenizer_is_refused(run, data_root, tok_cache):
     rc, out = run_train(run, data_root, tok_cache, "train.max_steps=12", "train.resume=true", "model.d_model=64",
-                        "tokenizer.vocab_size=600")
+                        "tokenizer.vocab_size=1200")
     assert_clean_exit(rc, out, 2, f"cannot resume from {run / 'checkpoints' / 'last.pt'}",
-                      "model.d_model: checkpoint 32, now 64", "tokenizer.vocab_size: checkpoint 500, now 600")
+                      "model.d_model: checkpoint 32, now 64", "tokenizer.vocab_size: checkpoint 1000, now 1200")

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from conftest import QUICK
 from nmt.corpus import read_lines
 from trainproc import TRANSLATE, child_env, trained_run
 
@@ -49,7 +50,7 @@ def peak_rss_mb(args: list) -> float:
 
 def test_translation_memory_does_not_grow_with_the_input(tmp_path_factory, data_root, tok_cache, tmp_path):
     ckpt = trained_run(tmp_path_factory.getbasetemp(), data_root, tok_cache) / "checkpoints" / "best.pt"
-    sentences = read_lines(data_root / "tatoeba-ko-en" / "train.ko")[:1000]
+    sentences = read_lines(data_root / QUICK / "train.ko")[:1000]
     peaks = {}
     for n in (2000, 20000):
         src, out = tmp_path / f"in{n}.ko", tmp_path / f"out{n}.en"

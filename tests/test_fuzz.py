@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import QUICK
 from nmt.checkpoint import load_for_inference
 from nmt.config import DecodeConfig
 from nmt.corpus import CorpusError, read_lines, read_parallel
@@ -121,9 +122,9 @@ def fuzz_cfg(data_root, tok_cache, scratch):
 
 @pytest.fixture(scope="module")
 def tokenizer(data_root, tok_cache):
-    """The TINY tokenizer (vocab 500 on the first 600 tatoeba pairs), from the session cache when it is there."""
+    """The TINY tokenizer (vocab 1000 on the first 600 quick pairs), from the session cache when it is there."""
     cfg = compose_cfg(data_root, tok_cache)
-    pairs = read_parallel(data_root / "tatoeba-ko-en" / "train.ko", data_root / "tatoeba-ko-en" / "train.en", 600)
+    pairs = read_parallel(data_root / QUICK / "train.ko", data_root / QUICK / "train.en", 600)
     return train_or_load(cfg.tokenizer, [s for s, _ in pairs], [t for _, t in pairs])
 
 
@@ -234,8 +235,8 @@ def test_validation_with_very_long_dev_lines(data_root, tok_cache, tmp_path, cap
     corpus = tmp_path / "long"
     corpus.mkdir()
     for lang in ("ko", "en"):
-        shutil.copy(data_root / "tatoeba-ko-en" / f"train.{lang}", corpus / f"train.{lang}")
-        dev = read_lines(data_root / "tatoeba-ko-en" / f"dev.{lang}")[:6]
+        shutil.copy(data_root / QUICK / f"train.{lang}", corpus / f"train.{lang}")
+        dev = read_lines(data_root / QUICK / f"dev.{lang}")[:6]
         dev += ["가나다라마바사아자차 " * 1000, "word " * 5000] if lang == "ko" else ["long " * 2000, "x " * 5000]
         (corpus / f"dev.{lang}").write_text("".join(x + "\n" for x in dev), encoding="utf-8")
     from nmt.train import train

@@ -1,4 +1,4 @@
-"""``lr.py find``: the LR range test on the tiny model and a tatoeba slice, and its pure parts."""
+"""``lr.py find``: the LR range test on the tiny model and a slice of the embedded corpus, and its pure parts."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import QUICK
 from nmt.lrtools import LRToolError
 from nmt.lrtools.cli import compose_config, main
 from nmt.lrtools.find import lr_ladder, stop_reason, suggest
@@ -59,7 +60,7 @@ def test_range_test_on_the_tiny_model_stops_on_explosion_and_saves_no_weights(tm
                                                                               monkeypatch, one_thread):
     monkeypatch.setenv("NMT_DATA_DIR", str(data_root))
     monkeypatch.chdir(tmp_path)
-    overrides = ["model=tiny", "data=tatoeba_ko_en", "tokenizer.vocab_size=500", "data.train_limit=300",
+    overrides = ["model=tiny", f"data.name={QUICK}", "tokenizer.vocab_size=800", "data.train_limit=300",
                  "train.max_tokens=500", f"tokenizer.cache_dir={tmp_path / 'tok'}"]
     assert main(["find", *overrides, "--min", "1e-4", "--max", "100", "--steps", "60"]) == 0
     out = capsys.readouterr().out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import QUICK
 from nmt.lrtools.cli import compose_config, main
 from nmt.lrtools.plot import schedule, schedule_facts, updates_per_epoch
 from nmt.schedules import SCHEDULES, lr_at, peak_lr
@@ -60,7 +61,7 @@ def test_accumulation_divides_batches_into_updates():
 
 def test_batches_per_epoch_from_real_data(tmp_path, capsys, data_root, monkeypatch):
     monkeypatch.setenv("NMT_DATA_DIR", str(data_root))
-    overrides = ["model=tiny", "data=tatoeba_ko_en", "tokenizer.vocab_size=500", "data.train_limit=300",
+    overrides = ["model=tiny", f"data.name={QUICK}", "tokenizer.vocab_size=800", "data.train_limit=300",
                  "train.max_tokens=500", "train.max_steps=100", f"tokenizer.cache_dir={tmp_path / 'tok'}"]
     assert main(["plot", *overrides, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

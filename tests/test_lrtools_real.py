@@ -1,4 +1,4 @@
-"""The LR tools on real training: a 2-run Hydra sweep of scripts/train.py on a tatoeba slice,
+"""The LR tools on real training: a 2-run Hydra sweep of scripts/train.py on a slice of the embedded corpus,
 reported, one run diagnosed, and the schedule plot's epoch length checked against the trainer's."""
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import QUICK
 from nmt.lrtools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(tmp: Path) -> list[str]:
-    return ["model=tiny", "data=tatoeba_ko_en", "tokenizer.vocab_size=500", "data.train_limit=300",
+    return ["model=tiny", f"data.name={QUICK}", "tokenizer.vocab_size=800", "data.train_limit=300",
             "data.dev_limit=20", "train.max_tokens=500", "train.max_steps=20", "train.valid_every=5",
             "train.valid_every_epoch=false", "train.log_every=2", "train.early_stopping.patience=0",
             "valid.max_sentences=4", "train.progress=false", "optim.warmup_steps=10",

@@ -11,14 +11,16 @@ import torch
 
 import nmt.tokenizer as tk
 from nmt.config import ConfigError, TokenizerConfig
+from conftest import QUICK
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, cache_key, train_or_load
 
 N = 1500  # training pairs: enough for a 1000-piece vocabulary, fast to train
 
 
 @pytest.fixture(scope="module")
-def tatoeba(data_root: Path) -> tuple[list[str], list[str]]:
-    d = data_root / "tatoeba-ko-en"
+def pairs(data_root: Path) -> tuple[list[str], list[str]]:
+    """The first N pairs of the quick slice of the embedded corpus, as (Korean lines, English lines)."""
+    d = data_root / QUICK
     ko = (d / "train.ko").read_text(encoding="utf-8").splitlines()[:N]
     en = (d / "train.en").read_text(encoding="utf-8").splitlines()[:N]
     return ko, en
@@ -32,13 +34,13 @@ def cfg(tmp_path_factory) -> TokenizerConfig:
 
 
 @pytest.fixture(scope="module")
-def joint(cfg, tatoeba) -> Tokenizer:
-    return train_or_load(cfg, *tatoeba)
+def joint(cfg, pairs) -> Tokenizer:
+    return train_or_load(cfg, *pairs)
 
 
 @pytest.fixture(scope="module")
-def separate(cfg, tatoeba) -> Tokenizer:
-    return train_or_load(replace(cfg, joint=False, vocab_size=700), *tatoeba)
+def separate(cfg, pairs) -> Tokenizer:
+    return train_or_load(replace(cfg, joint=False, vocab_size=900), *pairs)
 
 
 def test_special_ids(joint, separate):
@@ -47,8 +49,8 @@ def test_special_ids(joint, separate):
         assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (PAD, UNK, BOS, EOS)
 
 
-def test_encode_adds_eos_to_source_only(joint, tatoeba):
-    ko, en = tatoeba
+def test_encode_adds_eos_to_source_only(joint, pairs):
+    ko, en = pairs
     src = joint.encode_src(ko[:50])
     tgt = joint.encode_tgt(en[:50])
     assert all(s[-1] == EOS and EOS not in s[:-1] and BOS not in s for s in src)
@@ -56,9 +58,9 @@ def test_encode_adds_eos_to_source_only(joint, tatoeba):
 
 
 @pytest.mark.parametrize("which", ["joint", "separate"])
-def test_round_trip_on_real_text(which, request, tatoeba):
+def test_round_trip_on_real_text(which, request, pairs):
     tok: Tokenizer = request.getfixturevalue(which)
-    ko, en = tatoeba
+    ko, en = pairs
     assert tok.decode_tgt_batch(tok.encode_tgt(en)) == en
     assert [tok.decode_src(s) for s in tok.encode_src(ko)] == ko
 
@@ -77,20 +79,20 @@ def test_joint_vs_separate(joint, separate):
     assert joint.joint and joint.src_sp is joint.tgt_sp
     assert joint.src_vocab_size == joint.tgt_vocab_size == 1000
     assert not separate.joint and separate.src_sp is not separate.tgt_sp
-    assert separate.src_vocab_size == separate.tgt_vocab_size == 700
+    assert separate.src_vocab_size == separate.tgt_vocab_size == 900
     # a separate English model never produces Hangul pieces
     pieces = [separate.tgt_sp.id_to_piece(i) for i in range(separate.tgt_vocab_size)]
     assert not any("\uac00" <= ch <= "\ud7a3" for p in pieces for ch in p)
 
 
 @pytest.mark.parametrize("which", ["joint", "separate"])
-def test_state_round_trip_through_torch_weights_only(which, request, tatoeba, tmp_path):
+def test_state_round_trip_through_torch_weights_only(which, request, pairs, tmp_path):
     tok: Tokenizer = request.getfixturevalue(which)
     buf = io.BytesIO()
     torch.save({"tokenizer": tok.to_state()}, buf)
     buf.seek(0)
     back = Tokenizer.from_state(torch.load(buf, weights_only=True)["tokenizer"])
-    ko, en = tatoeba
+    ko, en = pairs
     assert back.joint == tok.joint and back.settings == tok.settings
     assert back.encode_src(ko) == tok.encode_src(ko)
     assert back.encode_tgt(en) == tok.encode_tgt(en)
@@ -100,21 +102,21 @@ def test_state_round_trip_through_torch_weights_only(which, request, tatoeba, tm
     assert Tokenizer.load(tmp_path).to_state()["src_model"] == tok.to_state()["src_model"]
 
 
-def test_cache_hit_does_not_retrain(cfg, tatoeba, joint, monkeypatch):
+def test_cache_hit_does_not_retrain(cfg, pairs, joint, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("trained although the cache holds this model")
 
     monkeypatch.setattr(tk, "_train_model", fail)
     start = time.perf_counter()
-    again = train_or_load(cfg, *tatoeba)
+    again = train_or_load(cfg, *pairs)
     assert time.perf_counter() - start < 1.0
     assert again.to_state()["src_model"] == joint.to_state()["src_model"]
     # logging verbosity does not change the model, so it shares the cache entry
-    train_or_load(replace(cfg, quiet=False), *tatoeba)
+    train_or_load(replace(cfg, quiet=False), *pairs)
 
 
-def test_cache_key_depends_on_text_and_settings(cfg, tatoeba):
-    ko, en = tatoeba
+def test_cache_key_depends_on_text_and_settings(cfg, pairs):
+    ko, en = pairs
     base = cache_key(cfg, ko, en)
     assert base == cache_key(replace(cfg, cache_dir="elsewhere"), ko, en)
     assert base != cache_key(replace(cfg, vocab_size=999), ko, en)
@@ -124,8 +126,8 @@ def test_cache_key_depends_on_text_and_settings(cfg, tatoeba):
     assert base != cache_key(cfg, ko[:-1], [ko[-1], *en])  # a line moved across the sides
 
 
-def test_training_is_deterministic(cfg, tatoeba):
-    lines = [*tatoeba[0][:500], *tatoeba[1][:500]]
+def test_training_is_deterministic(cfg, pairs):
+    lines = [*pairs[0][:500], *pairs[1][:500]]
     small = replace(cfg, vocab_size=600, input_sentence_size=600)  # also exercises sampling
     assert tk._train_model(lines, small, "joint") == tk._train_model(lines, small, "joint")
 
@@ -138,25 +140,25 @@ def test_lost_cache_race_keeps_the_winner(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["key"]  # no temp dirs left behind
 
 
-def test_bpe_model_type(cfg, tatoeba):
-    tok = train_or_load(replace(cfg, model_type="bpe"), *tatoeba)
-    assert tok.decode_tgt_batch(tok.encode_tgt(tatoeba[1][:100])) == tatoeba[1][:100]
+def test_bpe_model_type(cfg, pairs):
+    tok = train_or_load(replace(cfg, model_type="bpe"), *pairs)
+    assert tok.decode_tgt_batch(tok.encode_tgt(pairs[1][:100])) == pairs[1][:100]
 
 
-def test_too_large_vocab_is_a_config_error(cfg, tatoeba):
-    ko, en = tatoeba
+def test_too_large_vocab_is_a_config_error(cfg, pairs):
+    ko, en = pairs
     with pytest.raises(ConfigError, match=r"tokenizer.vocab_size=8000 is too large .*at most \d+\); lower it"):
         train_or_load(replace(cfg, vocab_size=8000), ko[:300], en[:300])
 
 
-def test_too_small_vocab_is_a_config_error(cfg, tatoeba):
+def test_too_small_vocab_is_a_config_error(cfg, pairs):
     with pytest.raises(ConfigError, match=r"tokenizer.vocab_size=100 is too small .*character_coverage"):
-        train_or_load(replace(cfg, vocab_size=100, joint=False), *tatoeba)
+        train_or_load(replace(cfg, vocab_size=100, joint=False), *pairs)
 
 
-def test_invalid_settings(cfg, tatoeba):
+def test_invalid_settings(cfg, pairs):
     with pytest.raises(ConfigError, match="unigram, bpe"):
-        train_or_load(replace(cfg, model_type="word"), *tatoeba)
+        train_or_load(replace(cfg, model_type="word"), *pairs)
 
 
 def test_foreign_special_ids_are_rejected():
@@ -169,13 +171,13 @@ def test_foreign_special_ids_are_rejected():
         Tokenizer(out.getvalue())
 
 
-def test_byte_fallback_spells_unseen_characters_instead_of_unk(cfg, tatoeba):
+def test_byte_fallback_spells_unseen_characters_instead_of_unk(cfg, pairs):
     line = "고양이 🦀 뷁"                      # neither the emoji nor the syllable is in the training text
-    assert not any(c in "".join(tatoeba[0] + tatoeba[1]) for c in "🦀뷁")
-    plain = train_or_load(cfg, *tatoeba)
+    assert not any(c in "".join(pairs[0] + pairs[1]) for c in "🦀뷁")
+    plain = train_or_load(cfg, *pairs)
     assert UNK in plain.encode_src([line])[0]
-    tok = train_or_load(replace(cfg, byte_fallback=True), *tatoeba)
+    tok = train_or_load(replace(cfg, byte_fallback=True, vocab_size=1200), *pairs)   # + 256 byte pieces
     ids = tok.encode_src([line])[0]
     assert UNK not in ids and tok.decode_src(ids) == line
-    assert tok.decode_tgt_batch(tok.encode_tgt(tatoeba[1][:100])) == tatoeba[1][:100]
-    assert cache_key(cfg, *tatoeba) != cache_key(replace(cfg, byte_fallback=True), *tatoeba)
+    assert tok.decode_tgt_batch(tok.encode_tgt(pairs[1][:100])) == pairs[1][:100]
+    assert cache_key(cfg, *pairs) != cache_key(replace(cfg, byte_fallback=True), *pairs)
