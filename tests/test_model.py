@@ -330,3 +330,30 @@ def test_one_query_attention_matches_sdpa(length):
     got = one_query_attention(q, k, v)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_word_dropout_blanks_whole_tokens_in_training_only():
+    m = make(source_word_dropout=0.5, target_word_dropout=0.5, dropout=0.0, attention_dropout=0.0,
+             activation_dropout=0.0)
+    plain = make(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    src, tgt = ids(4, 30), ids(4, 6, seed=2)
+    mask = torch.ones(4, 30, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(src, mask, tgt), plain.eval()(src, mask, tgt))   # off at evaluation
+        m.train()
+        torch.manual_seed(0)
+        x = m._embed(m.src_embed, src, 0, 0.5) - m.positions[:30]
+    token = m.src_embed(src) * m.embed_scale
+    blank = x.abs().sum(-1) == 0
+    assert 0.3 < blank.float().mean().item() < 0.7                 # about half the tokens, each entirely
+    torch.testing.assert_close(x[~blank], 2 * token[~blank])        # the others scaled by 1 / (1 - p)
+
+
+def test_word_dropout_is_validated():
+    from nmt.config import Config, validate
+
+    cfg = Config()
+    cfg.train.max_steps = 1
+    cfg.model.source_word_dropout = 1.0
+    with pytest.raises(ConfigError, match="source_word_dropout"):
+        validate(cfg)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from nmt.config import Config, DecodeConfig, from_dict
+from nmt.config import DROPOUT_KEYS, Config, DecodeConfig, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def check_compatible(saved: Config, current: Config, path: Path) -> None:
     for group in ("model", "tokenizer"):
         a, b = getattr(saved, group), getattr(current, group)
         for key in vars(a):
-            if key == "cache_dir" or key in ("dropout", "attention_dropout", "activation_dropout"):
+            if key == "cache_dir" or key in DROPOUT_KEYS:
                 continue
             if getattr(a, key) != getattr(b, key):
                 diffs.append(f"{group}.{key}: checkpoint {getattr(a, key)!r}, now {getattr(b, key)!r}")

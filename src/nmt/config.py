@@ -77,6 +77,8 @@ class ModelConfig:
     dropout: float = 0.3               # residual / embedding dropout
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
+    source_word_dropout: float = 0.0   # zero whole source token embeddings with this probability (training only)
+    target_word_dropout: float = 0.0   # ... and decoder-input token embeddings
     activation: str = "relu"           # relu | gelu
     norm: str = "pre"                  # pre | post
     share_embeddings: str = "none"     # all | decoder | none (none measured best; README)
@@ -160,9 +162,13 @@ class TrainConfig:
     valid_every_epoch: bool = True     # also validate at the end of every epoch
     save_every: int = 0                # steps between last.pt saves (0 = at validation only)
     keep_last: int = 3                 # periodic step-N.pt checkpoints to keep
+    save_every_minutes: float = 0.0    # also write a step-N.pt every this many minutes (0 = off)
+    average_last: int = 0              # at the end, average the last N step-N.pt into averaged.pt (0 = off)
     log_every: int = 50
     seed: int = 1
     resume: Any = False                # false | true (last.pt of this run dir) | PATH
+    init_from: Optional[str] = None    # start a new run from this checkpoint's weights and tokenizer (fine-tuning)
+    init_keep: List[str] = field(default_factory=list)   # with init_from: also keep [optimizer, schedule]
     max_bad_steps: int = 10            # non-finite updates in a row before aborting
     src_gain_warn: float = 0.1         # warn when src_gain stays below this after warmup
     bucket_size: int = 100             # batches per length-sorted pool
@@ -184,6 +190,10 @@ class Config:
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(beam_size=5, nbest=1))
     device: str = "auto"               # auto | cpu | cuda
     precision: str = "auto"            # auto (bf16 autocast on GPUs with bf16 and, for training, CPUs with native bf16) | fp32 | bf16
+
+
+# regularisation settings: they may change between a checkpoint and the run that resumes or averages it
+DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "source_word_dropout", "target_word_dropout")
 
 
 # ----------------------------------------------------------------------------- choices
@@ -269,7 +279,7 @@ def validate(cfg: Config) -> Config:
              f"model.d_model ({m.d_model}) must be a positive multiple of model.heads ({m.heads})")
     _require(m.n_encoder_layers >= 1 and m.n_decoder_layers >= 1, "model needs at least one encoder and one decoder layer")
     _require(m.ffn > 0, f"model.ffn must be > 0, got {m.ffn}")
-    for name in ("dropout", "attention_dropout", "activation_dropout"):
+    for name in DROPOUT_KEYS:
         v = getattr(m, name)
         _require(0.0 <= v < 1.0, f"model.{name} must be in [0, 1), got {v}")
     _require(cfg.tokenizer.vocab_size >= 16, f"tokenizer.vocab_size must be >= 16, got {cfg.tokenizer.vocab_size}")
@@ -284,9 +294,14 @@ def validate(cfg: Config) -> Config:
     _require(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     _require(t.clip_norm >= 0, f"train.clip_norm must be >= 0, got {t.clip_norm}")
     _require(t.keep_last >= 0, f"train.keep_last must be >= 0, got {t.keep_last}")
+    _require(t.average_last >= 0 and t.save_every_minutes >= 0,
+             "train.average_last and train.save_every_minutes must be >= 0")
     _require(t.valid_every >= 0 and (t.valid_every > 0 or t.valid_every_epoch),
              "validation never runs: set train.valid_every > 0 or train.valid_every_epoch=true")
     _require(t.max_minutes >= 0 and t.threads >= 0, "train.max_minutes and train.threads must be >= 0")
+    bad_keep = [k for k in t.init_keep if k not in ("optimizer", "schedule")]
+    _require(not bad_keep, f"train.init_keep={list(t.init_keep)} is not valid; choose from: optimizer, schedule")
+    _require(not t.init_keep or t.init_from, "train.init_keep needs train.init_from")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(cfg.data.max_len >= cfg.data.min_len >= 0, "data.max_len must be >= data.min_len >= 0")
     _require(cfg.data.max_ratio >= 0, "data.max_ratio must be >= 0 (0 turns the ratio filter off)")

@@ -124,11 +124,16 @@ class ScheduledOptimizer:
             "optimizer": self.optimizer.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, adam: bool = True, schedule: bool = True) -> None:
+        """Restore Adam's moments (``adam``) and/or the update counter and plateau state (``schedule``)."""
+        if not schedule:
+            self.optimizer.load_state_dict(state["optimizer"])
+            return
         if state.get("schedule", self.cfg.name) != self.cfg.name:
             log.warning("resuming with the %s schedule from a checkpoint trained with %s; "
                         "the step counter (%d) carries over", self.cfg.name, state["schedule"], state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if adam:
+            self.optimizer.load_state_dict(state["optimizer"])
         self._step = int(state["step"])
         plateau = state.get("plateau", {})
         self._scale = float(plateau.get("scale", 1.0))

@@ -17,13 +17,16 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
+from nmt.average import average_checkpoints
 from nmt.batching import TokenBatchSampler, collate
 from nmt.budget import TimeBudget
-from nmt.checkpoint import FORMAT, CheckpointManager, all_finite, check_compatible, load_resume_checkpoint
+from nmt.checkpoint import (FORMAT, CheckpointError, CheckpointManager, all_finite, check_compatible,
+                            load_resume_checkpoint)
 from nmt.config import Config, from_dict, to_dict
 from nmt.data import PreparedData, prepare_data
 from nmt.early_stopping import EarlyStopping
 from nmt.evaluate import blind_sources, corpus_loss, corpus_scores, make_batches, translate_ids
+from nmt.finetune import inherited_tokenizer_config, load_init, provenance, report_unknowns
 from nmt.metrics import MetricsLogger
 from nmt.model import Transformer
 from nmt.optim import ScheduledOptimizer, build_optimizer, describe_schedule, peak_lr, warmup_end
@@ -49,6 +52,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.init_from: Optional[dict] = None      # train.init_from: where this run started from
         self.device = select_device(cfg.device)
         self.amp = autocast_dtype(cfg.precision, self.device, training=True)
         self.eval_amp = autocast_dtype(cfg.precision, self.device)    # validation decodes as the translator does
@@ -57,12 +61,16 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
         t = cfg.train
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", max(t.keep_last, t.average_last))
         self.ckpt.prepare()                    # an unwritable folder fails now, not at the first save
         resume = self._find_resume()
-        tokenizer = Tokenizer.from_state(resume["tokenizer"]) if resume else None
+        init = self._find_init() if not resume else None
+        source = resume or init
+        tokenizer = Tokenizer.from_state(source["tokenizer"]) if source else None
         self.data: PreparedData = prepare_data(cfg, tokenizer)
         self.tok = self.data.tokenizer
+        if init:
+            report_unknowns(self.data.train_src, self.data.train_tgt, inherited=True)
         self.tok.save(self.run_dir / "tokenizer")
         self.sampler = TokenBatchSampler(self.data.train_src_lens, self.data.train_tgt_lens, t.max_tokens,
                                          seed=t.seed, bucket_size=t.bucket_size)
@@ -77,10 +85,14 @@ class Trainer:
         self.stopper = EarlyStopping(t.early_stopping.metric, t.early_stopping.patience, t.early_stopping.min_delta)
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
         self.last_valid: dict[str, float] = {}
+        self._saved_at = time.time()              # of the last periodic checkpoint (train.save_every_minutes)
+        self.averaged: Optional[dict] = None      # dev scores of checkpoints/averaged.pt (train.average_last)
         self.dev_batches = make_batches(self.data.dev_src, self.data.dev_tgt, t.max_tokens)
         self.blind_batches = make_batches(blind_sources(len(self.data.dev_tgt)), self.data.dev_tgt, t.max_tokens)
         if resume:
             self._restore(resume)
+        elif init:
+            self._initialize(init)
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)), encoding="utf-8")
         self._log_setup()
@@ -95,9 +107,37 @@ class Trainer:
             log.info("train.resume=true but %s holds no checkpoint: starting from scratch", where)
             return None
         obj, path = load_resume_checkpoint(where)
+        if self.cfg.train.init_from:        # a fine-tuning run: its tokenizer is the inherited one
+            self.cfg.tokenizer = inherited_tokenizer_config(self.cfg, obj)
+            self.init_from = obj.get("init_from")
+        if "optimizer" not in obj:
+            raise CheckpointError(f"{path} holds weights only (an averaged or inference checkpoint), not the "
+                                  "training state that train.resume needs; resume from last.pt or a step-N.pt")
         check_compatible(from_dict(obj["config"]), self.cfg, path)
         log.info("resuming from %s (step %d)", path, obj["step"])
         return obj
+
+    def _find_init(self) -> Optional[dict]:
+        """train.init_from: the checkpoint a new (fine-tuning) run starts from; its tokenizer settings
+        replace the config's, so that config.yaml says what the run really uses."""
+        if not self.cfg.train.init_from:
+            return None
+        obj, path = load_init(self.cfg)
+        self.cfg.tokenizer = inherited_tokenizer_config(self.cfg, obj)
+        self.init_from = provenance(obj, path, self.cfg.train.init_keep)
+        log.info("starting from %s (step %d, trained on %s): its weights and tokenizer; fresh %s",
+                 path, obj["step"], self.init_from["data"],
+                 ", ".join(p for p in ("optimizer", "schedule", "sampler", "early stopping")
+                           if p not in self.cfg.train.init_keep))
+        return obj
+
+    def _initialize(self, obj: dict) -> None:
+        self.model.load_state_dict(obj["model"])
+        keep = self.cfg.train.init_keep
+        if keep:
+            self.opt.load_state_dict(obj["optimizer"], adam="optimizer" in keep, schedule="schedule" in keep)
+        if "schedule" in keep:
+            self.step = self.opt.step_num
 
     def _restore(self, obj: dict) -> None:
         self.model.load_state_dict(obj["model"])
@@ -134,7 +174,7 @@ class Trainer:
         t = self.cfg.train
         reason = self._already_done()          # a resumed run may have ended just before it was killed
         window = {"loss": 0.0, "tokens": 0, "real": 0, "padded": 0, "norm": 0.0, "n": 0, "t0": time.time()}
-        start = time.time()
+        start = self._saved_at = time.time()
         self.budget.start(self.step)
         bar = _progress(t.progress, self.total_steps, self.step)
         with StopSignal() as stop:
@@ -162,6 +202,8 @@ class Trainer:
                     self._log_train(window, bar)
                 if t.valid_every and self.step % t.valid_every == 0:
                     reason = self._validate_and_save()
+                elif t.save_every_minutes and time.time() - self._saved_at >= 60 * t.save_every_minutes:
+                    self._save(periodic=True)
                 elif t.save_every and self.step % t.save_every == 0:
                     self._save()
                 if reason is None and t.max_steps and self.step >= t.max_steps:
@@ -177,7 +219,24 @@ class Trainer:
                     self._validate_and_save(final=True)
                 else:
                     self._save()
+            if t.average_last and not reason.startswith("interrupted") and not stop.received:
+                self._average()
         return self._finish(reason, time.time() - start)
+
+    def _average(self) -> None:
+        """Average the newest ``train.average_last`` step-N.pt into averaged.pt and validate it."""
+        paths = self.ckpt.periodic_files()[-self.cfg.train.average_last:]
+        if len(paths) < 2:
+            log.info("train.average_last=%d: only %d periodic checkpoint(s), nothing to average",
+                     self.cfg.train.average_last, len(paths))
+            return
+        averaged = average_checkpoints(paths, self.ckpt.folder / "averaged.pt")
+        self.model.load_state_dict(averaged["model"])
+        m = self.validate()
+        self.averaged = {"from_steps": [a["step"] for a in averaged["averaged_from"]], **m}
+        log.info("averaged checkpoint (steps %s): loss %.4f | BLEU %.2f chrF %.2f (last: BLEU %.2f); written to %s",
+                 ", ".join(map(str, self.averaged["from_steps"])), m["valid_loss"], m["valid_bleu"], m["valid_chrf"],
+                 self.last_valid.get("valid_bleu", float("nan")), self.ckpt.folder / "averaged.pt")
 
     def _already_done(self) -> Optional[str]:
         t = self.cfg.train
@@ -327,12 +386,14 @@ class Trainer:
             self._abort(f"the weights became non-finite (NaN/inf) by step {self.step}; nothing was saved, the "
                         f"checkpoints in {self.ckpt.folder} are from earlier steps. Lower the learning rate "
                         f"(current {self.opt.lr:.3g}).", "non-finite weights")
+        if periodic:
+            self._saved_at = time.time()
         self.ckpt.save({
             "format": FORMAT, "model": self.model.state_dict(), "config": to_dict(self.cfg),
             "tokenizer": self.tok.to_state(), "decode": to_dict(self.cfg.decode), "step": self.step,
             "epoch": self._epoch(), "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
             "rng": rng_state(), "early_stopping": self.stopper.state_dict(), "skipped_steps": self.skipped,
-            "budget": self.budget.state_dict(),
+            "budget": self.budget.state_dict(), "init_from": self.init_from,
             "metrics": {k: float(v) for k, v in self.last_valid.items()},
         }, best=best, periodic=periodic)
 
@@ -343,7 +404,7 @@ class Trainer:
                    "skipped_steps": self.skipped, "updates_per_epoch": len(self.sampler) / self.cfg.train.accumulate,
                    "peak_lr": peak_lr(self.cfg.optim, self.cfg.model.d_model), "seconds": round(seconds, 1),
                    "train_seconds": round(self.budget.seconds, 1), "schedule_total_steps": self.opt.total_steps,
-                   "last_valid": self.last_valid}
+                   "last_valid": self.last_valid, "averaged": self.averaged, "init_from": self.init_from}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         return summary
 

@@ -76,6 +76,12 @@ def diagnose(run: Run, th: Thresholds = Thresholds()) -> Diagnosis:
     facts.update(steps=last_step, stop_reason=run.summary.get("stop_reason"), peak_lr=peak, warmup_steps=warmup,
                  updates_per_epoch=per_epoch)
     lines.append(f"{last_step} updates logged; stop reason: {run.summary.get('stop_reason', 'unknown (no summary.json)')}")
+    init = run.summary.get("init_from")
+    if init:
+        facts["init_from"] = init
+        kept = ", ".join(init.get("keep") or []) or "nothing (fresh optimizer and schedule)"
+        lines.append(f"fine-tuned: started from {init['path']} (step {init['step']}, trained on {init['data']}); "
+                     f"kept from it: {kept}")
     if cfg is None:
         lines.append(f"config: {run.cfg_note}; the LR formula, warmup and advice need it")
     else:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from nmt.config import ConfigError, ModelConfig
 from nmt.model.cache import KVCache
-from nmt.model.kernels import Dropout, linear_smoothed_cross_entropy
+from nmt.model.kernels import Dropout, dropout, linear_smoothed_cross_entropy
 from nmt.model.layers import DecoderLayer, EncoderLayer, sinusoidal_positions
 
 __all__ = ["KVCache", "Transformer"]
@@ -104,17 +104,24 @@ class Transformer(nn.Module):
                 f"shorten or split the input (e.g. lower data.max_len / the decode max length) "
                 f"or train with a larger model.max_positions")
 
-    def _embed(self, embed: nn.Embedding, ids: Tensor, start: int) -> Tensor:
-        """ids [B,T] at positions start..start+T-1 -> [B,T,D]."""
-        x = embed(ids) * self.embed_scale + self.positions[start:start + ids.shape[1]]
-        return self.embed_drop(x)
+    def _embed(self, embed: nn.Embedding, ids: Tensor, start: int, word_dropout: float = 0.0) -> Tensor:
+        """ids [B,T] at positions start..start+T-1 -> [B,T,D].
+
+        ``word_dropout`` (training only) zeroes whole token embeddings, scaling the
+        others by 1/(1-p) as dropout does; the position signal stays, so the model
+        sees a blank word (Sennrich & Zhang, 2019; Marian's --dropout-src/--dropout-trg).
+        """
+        x = embed(ids) * self.embed_scale
+        if word_dropout and self.training:
+            x = x * dropout(x.new_ones(ids.shape[0], ids.shape[1], 1), word_dropout, True)
+        return self.embed_drop(x + self.positions[start:start + ids.shape[1]])
 
     # ------------------------------------------------------------------ API
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """src [B,S] (Long), src_mask [B,S] (bool, True at real tokens) -> memory [B,S,D]."""
         self._check_length(src.shape[1], f"source of length {src.shape[1]}")
         key_mask = _key_mask(src_mask)
-        x = self._embed(self.src_embed, src, 0)
+        x = self._embed(self.src_embed, src, 0, self.cfg.source_word_dropout)
         for layer in self.encoder_layers:
             x = layer(x, key_mask)
         return self.encoder_norm(x)
@@ -169,7 +176,7 @@ class Transformer(nn.Module):
                              f"{sentences} source sentences with {beams} row(s) each")
         cross_mask = _key_mask(src_mask)
 
-        x = self._embed(self.tgt_embed, tgt, start)
+        x = self._embed(self.tgt_embed, tgt, start, self.cfg.target_word_dropout)
         self_k, self_v = [], []
         for layer, kv, p in zip(self.decoder_layers, cross, past):
             x, (k, v) = layer(x, kv, cross_mask, self_mask=self_mask, is_causal=causal, past=p, beams=beams)
