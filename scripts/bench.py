@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from nmt.benchmarks import data as bench_data
 from nmt.benchmarks import train as bench_train
 from nmt.benchmarks.common import device_name, hf_marian, sync
 
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench_train.add_parser(sub)
+    bench_data.add_parser(sub)
     d = sub.add_parser("decode", help="beam-search throughput (optionally against HF MarianMT)")
     d.add_argument("--checkpoint", help="a trained checkpoint instead of a random model of the shape below")
     d.add_argument("--d-model", type=int, default=256)

@@ -70,9 +70,18 @@ class Batch:
 
 
 def _pad(rows: Sequence[Sequence[int]], prefix: list[int], suffix: list[int]) -> torch.Tensor:
-    width = max(len(r) for r in rows) + len(prefix) + len(suffix)
-    return torch.tensor([prefix + list(r) + suffix + [PAD] * (width - len(r) - len(prefix) - len(suffix))
-                         for r in rows], dtype=torch.long)
+    """[B, W] int64: each row as prefix + row + suffix, PAD to the longest (rows: lists or numpy arrays)."""
+    lens = [len(r) for r in rows]
+    extra = len(prefix) + len(suffix)
+    out = np.full((len(rows), max(lens) + extra), PAD, dtype=np.int64)
+    if prefix:
+        out[:, :len(prefix)] = prefix
+    for i, (r, n) in enumerate(zip(rows, lens)):
+        start = len(prefix)
+        out[i, start:start + n] = r
+        if suffix:
+            out[i, start + n:start + n + len(suffix)] = suffix
+    return torch.from_numpy(out)
 
 
 def collate(src: Sequence[Sequence[int]], tgt: Optional[Sequence[Sequence[int]]], indices: Sequence[int]) -> Batch:
@@ -92,7 +101,7 @@ def collate(src: Sequence[Sequence[int]], tgt: Optional[Sequence[Sequence[int]]]
     if tgt is not None:
         tgt_in = _pad(tgt, [BOS], [])
         tgt_out = _pad(tgt, [], [EOS])
-        n_tgt = sum(len(y) + 1 for y in tgt)
+        n_tgt = sum(len(y) for y in tgt) + len(tgt)   # each target row gets an EOS
     return Batch(src_t, src_mask, tgt_in, tgt_out, int(src_mask.sum()), n_tgt, [int(i) for i in indices])
 
 

@@ -49,6 +49,7 @@ class DataConfig:
     max_len: int = 256                 # drop pairs with more subword tokens than this on either side
     min_len: int = 1                   # drop pairs with fewer tokens (1 drops empty sides)
     max_ratio: float = 4.0             # drop pairs whose token-length ratio exceeds this (0 = off)
+    cache_dir: Optional[str] = None    # token cache of the training split (null: tokens/ beside tokenizer.cache_dir)
     download: DownloadConfig = field(default_factory=DownloadConfig)
 
 

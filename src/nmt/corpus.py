@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -34,7 +35,9 @@ import urllib.request
 import zlib
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from nmt.config import DataConfig, repo_data_dir
@@ -84,6 +87,48 @@ def read_lines(path: Path) -> list[str]:
     if lines[-1] == "":  # the final newline ends the last line, it does not start a new one
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    """The lines of :func:`read_lines`, one at a time, so that a corpus of any size streams in
+    bounded memory (the same splitting and the same one-line errors, with the line number)."""
+    path = Path(path)
+    try:
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as e:
+        raise CorpusError(f"cannot read {path}: {e}") from e
+    with f:
+        number = 0
+        try:
+            for raw in f:                      # binary files split on b"\n" only
+                number += 1
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(
+                        f"{path}, line {number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte column "
+                        f"{e.start + 1}); convert the file to UTF-8, e.g. iconv -f <encoding> -t UTF-8") from e
+                if number == 1 and line.startswith("\ufeff"):
+                    line = line[1:]
+                if line.endswith("\n"):
+                    line = line[:-1]
+                yield line[:-1] if line.endswith("\r") else line
+        except (OSError, EOFError) as e:       # a truncated or corrupt .gz
+            raise CorpusError(f"cannot read {path}: {e}") from e
+
+
+def iter_parallel(src: Path, tgt: Path, limit: int = 0) -> Iterator[tuple[str, str]]:
+    """Pairs of :func:`read_parallel`, one at a time; raises CorpusError when the line counts differ
+    (found when the shorter file ends)."""
+    n = 0
+    for n, (a, b) in enumerate(itertools.zip_longest(iter_lines(src), iter_lines(tgt)), start=1):
+        if a is None or b is None:
+            longer, shorter = (src, tgt) if b is None else (tgt, src)
+            raise CorpusError(f"line counts differ: {shorter} has {n - 1:,} lines, {longer} has more; line i of "
+                              f"one file must translate line i of the other (check for a lost or extra line)")
+        if limit and n > limit:
+            return
+        yield a, b
 
 
 def read_parallel(src: Path, tgt: Path, limit: int = 0) -> list[tuple[str, str]]:
@@ -159,7 +204,7 @@ def load_split(data: DataConfig, split: str) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- filtering
-def filter_pairs(src_lens: list[int], tgt_lens: list[int], data: DataConfig) -> tuple[list[int], dict[str, int]]:
+def filter_pairs(src_lens: Sequence[int], tgt_lens: Sequence[int], data: DataConfig) -> tuple[list[int], dict[str, int]]:
     """Indices of training pairs to keep, and how many were dropped by each rule.
 
     ``src_lens`` / ``tgt_lens`` are subword-token counts per pair. Rules, in
@@ -170,20 +215,14 @@ def filter_pairs(src_lens: list[int], tgt_lens: list[int], data: DataConfig) -> 
     """
     if len(src_lens) != len(tgt_lens):
         raise ValueError(f"filter_pairs: {len(src_lens)} source lengths but {len(tgt_lens)} target lengths")
-    counts = dict.fromkeys(FILTER_RULES, 0)
-    kept: list[int] = []
-    for i, (a, b) in enumerate(zip(src_lens, tgt_lens)):
-        if a == 0 or b == 0:
-            counts["empty"] += 1
-        elif min(a, b) < data.min_len:
-            counts["too_short"] += 1
-        elif max(a, b) > data.max_len:
-            counts["too_long"] += 1
-        elif data.max_ratio > 0 and max(a, b) / max(min(a, b), 1) > data.max_ratio:
-            counts["ratio"] += 1
-        else:
-            kept.append(i)
-    return kept, counts
+    a, b = np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    empty = lo == 0
+    too_short = ~empty & (lo < data.min_len)
+    too_long = ~empty & ~too_short & (hi > data.max_len)
+    ratio = ~empty & ~too_short & ~too_long & (data.max_ratio > 0) & (hi > data.max_ratio * np.maximum(lo, 1))
+    counts = {rule: int(m.sum()) for rule, m in zip(FILTER_RULES, (empty, too_short, too_long, ratio))}
+    return np.flatnonzero(~(empty | too_short | too_long | ratio)).tolist(), counts
 
 
 def log_filter_counts(counts: dict[str, int], total: int, split_name: str) -> str:

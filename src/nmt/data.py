@@ -1,13 +1,26 @@
-"""From corpus files to token ids: read, tokenize, filter (train only), truncate (dev)."""
+"""From corpus files to token ids: tokenizer, the training split's token cache, the dev split.
+
+The training split is encoded once into a memory-mapped token cache
+(:mod:`nmt.tokcache`), filtered and truncated there; later runs, sweep jobs and
+every rank of a multi-GPU run map it instead of re-encoding, so resident memory
+does not grow with the corpus beyond the length index. The dev split is small
+and read, encoded and truncated (never filtered) at every start.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import random
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
 
 from nmt.config import Config
-from nmt.corpus import filter_pairs, load_split, log_filter_counts
-from nmt.tokenizer import EOS, Tokenizer, train_or_load
+from nmt.corpus import find_split, iter_parallel, load_split
+from nmt.tokcache import cached_split
+from nmt.tokenizer import EOS, Tokenizer, cache_key_of_pairs, load_cached, train_and_cache
 
 log = logging.getLogger(__name__)
 
@@ -15,8 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PreparedData:
     tokenizer: Tokenizer
-    train_src: list[list[int]]      # source ids + EOS
-    train_tgt: list[list[int]]      # target ids, no BOS/EOS (the batcher adds them)
+    train_src: Sequence[np.ndarray]  # source ids + EOS (nmt.tokcache.TokenArrays: views of the mapped cache)
+    train_tgt: Sequence[np.ndarray]  # target ids, no BOS/EOS (the batcher adds them)
     dev_src: list[list[int]]
     dev_tgt: list[list[int]]
     dev_src_text: list[str]
@@ -24,13 +37,56 @@ class PreparedData:
     filter_counts: dict[str, int] = field(default_factory=dict)
 
     @property
-    def train_src_lens(self) -> list[int]:
-        return [len(s) for s in self.train_src]
+    def train_src_lens(self) -> np.ndarray:
+        return _lengths(self.train_src)
 
     @property
-    def train_tgt_lens(self) -> list[int]:
+    def train_tgt_lens(self) -> np.ndarray:
         """Target lengths including the added BOS (tgt_in) / EOS (tgt_out)."""
-        return [len(t) + 1 for t in self.train_tgt]
+        return _lengths(self.train_tgt) + 1
+
+
+def _lengths(seqs: Sequence) -> np.ndarray:
+    if hasattr(seqs, "lengths"):
+        return seqs.lengths()
+    return np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+
+
+def token_cache_dir(cfg: Config) -> str:
+    """data.cache_dir, else ``tokens/`` beside the tokenizer cache."""
+    return cfg.data.cache_dir or str(Path(os.path.expanduser(cfg.tokenizer.cache_dir)).parent / "tokens")
+
+
+def tokenizer_for(cfg: Config, files: tuple[Path, Path]) -> Tokenizer:
+    """The tokenizer of this training text: its cache key streams the files (nothing is held in
+    memory), and only a cache miss reads the lines to train sentencepiece on."""
+    limit = cfg.data.train_limit
+    key = cache_key_of_pairs(cfg.tokenizer, iter_parallel(*files, limit))
+    cached = load_cached(cfg.tokenizer, key)
+    if cached is not None:
+        return cached
+    t = cfg.tokenizer
+    # sentencepiece samples input_sentence_size sentences anyway, but only after holding every line
+    pairs_needed = t.input_sentence_size // (2 if t.joint else 1) if t.input_sentence_size else 0
+    pairs, total = sample_pairs(iter_parallel(*files, limit), pairs_needed)
+    log.info("training the tokenizer on %s of %s pairs (cached for later runs)", f"{len(pairs):,}", f"{total:,}")
+    return train_and_cache(t, key, [a for a, _ in pairs], [b for _, b in pairs])
+
+
+def sample_pairs(pairs: Iterable[tuple[str, str]], k: int, seed: int = 1) -> tuple[list[tuple[str, str]], int]:
+    """All pairs if there are at most ``k`` (or ``k`` is 0), else a seeded uniform sample of ``k``
+    (reservoir sampling: one pass, ``k`` pairs in memory). Returns (sample, pairs seen)."""
+    rng = random.Random(seed)
+    sample: list[tuple[str, str]] = []
+    n = 0
+    for n, pair in enumerate(pairs, start=1):
+        if not k or n <= k:
+            sample.append(pair)
+        else:
+            j = rng.randrange(n)
+            if j < k:
+                sample[j] = pair
+    return sample, n
 
 
 def truncate(ids: list[list[int]], limit: int, name: str, keep_last: Optional[int] = None) -> list[list[int]]:
@@ -47,34 +103,33 @@ def truncate(ids: list[list[int]], limit: int, name: str, keep_last: Optional[in
 
 
 def prepare_data(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> PreparedData:
-    """Read train/dev, train or load the tokenizer (unless given, e.g. from a checkpoint), encode, filter."""
+    """The tokenizer (unless given, e.g. from a checkpoint), the training split from its token cache
+    (encoded, filtered and truncated on first use) and the dev split."""
     d = cfg.data
-    train_pairs = load_split(d, "train")
+    files = find_split(d, "train")
     dev_pairs = load_split(d, "dev")
-    if not train_pairs:
-        raise ValueError(f"the training split of {d.name} is empty")
     if not dev_pairs:
         raise ValueError(f"the dev split of {d.name} is empty")
-    src_lines = [s for s, _ in train_pairs]
-    tgt_lines = [t for _, t in train_pairs]
     if tokenizer is None:
-        tokenizer = train_or_load(cfg.tokenizer, src_lines, tgt_lines)
-    src_ids = tokenizer.encode_src(src_lines)
-    tgt_ids = tokenizer.encode_tgt(tgt_lines)
-    kept, counts = filter_pairs([len(s) - 1 for s in src_ids], [len(t) for t in tgt_ids], d)
-    log_filter_counts(counts, len(train_pairs), "train")
-    if not kept:
-        raise ValueError(f"every training pair of {d.name} was filtered out ({counts}); relax data.max_len/max_ratio")
+        tokenizer = tokenizer_for(cfg, files)
+    split = cached_split(files, tokenizer, d, cfg.model.max_positions, token_cache_dir(cfg), cfg.train.progress)
+    if split.total == 0:
+        raise ValueError(f"the training split of {d.name} is empty")
+    if len(split.src) == 0:
+        raise ValueError(f"every training pair of {d.name} was filtered out ({split.counts}); "
+                         "relax data.max_len/max_ratio")
+    log.info("train: %s pairs, %s source and %s target tokens", f"{len(split.src):,}", f"{len(split.src.data):,}",
+             f"{len(split.tgt.data):,}")
     limit = cfg.model.max_positions - 1
     dev_src_text = [s for s, _ in dev_pairs]
     dev_ref_text = [t for _, t in dev_pairs]
     return PreparedData(
         tokenizer=tokenizer,
-        train_src=truncate([src_ids[i] for i in kept], limit, "train source", EOS),
-        train_tgt=truncate([tgt_ids[i] for i in kept], limit - 1, "train target"),
+        train_src=split.src,
+        train_tgt=split.tgt,
         dev_src=truncate(tokenizer.encode_src(dev_src_text), limit, "dev source", EOS),
         dev_tgt=truncate(tokenizer.encode_tgt(dev_ref_text), limit - 1, "dev target"),
         dev_src_text=dev_src_text,
         dev_ref_text=dev_ref_text,
-        filter_counts=counts,
+        filter_counts=split.counts,
     )

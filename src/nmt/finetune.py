@@ -60,10 +60,10 @@ def provenance(obj: dict, path: Path, keep: Sequence[str]) -> dict:
 
 
 def unk_rate(sequences: Sequence[Sequence[int]]) -> float:
-    """Share of <unk> ids among all ids of ``sequences`` (lists or arrays)."""
-    total = sum(len(s) for s in sequences)
-    unk = sum(int(np.count_nonzero(np.asarray(s) == UNK)) for s in sequences)
-    return unk / total if total else 0.0
+    """Share of <unk> ids among all ids of ``sequences`` (lists, arrays, or a token cache's side)."""
+    flat = sequences.data if hasattr(sequences, "data") else \
+        np.fromiter((x for s in sequences for x in s), dtype=np.int64)
+    return float(np.count_nonzero(flat == UNK)) / len(flat) if len(flat) else 0.0
 
 
 def report_unknowns(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], inherited: bool) -> dict:

@@ -39,7 +39,7 @@ SPECIAL_IDS = {"pad_id": PAD, "unk_id": UNK, "bos_id": BOS, "eos_id": EOS}
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 STATE_FORMAT = 1          # bump when to_state()'s layout changes
-_CACHE_FORMAT = 1         # bump when trained models would change for the same settings
+_CACHE_FORMAT = 2         # bump when trained models (or the key) would change for the same settings
 _SETTINGS_NOT_IN_KEY = ("cache_dir", "quiet")  # neither changes the trained model
 _SP_SEED = 1              # sentencepiece's sampling seed (process-global, so set before each training)
 
@@ -184,18 +184,44 @@ def _key_settings(cfg: TokenizerConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in _SETTINGS_NOT_IN_KEY}
 
 
-def cache_key(cfg: TokenizerConfig, src_lines: Sequence[str], tgt_lines: Sequence[str]) -> str:
-    """sha256 of the training text (both sides) and every setting that shapes the model."""
-    h = hashlib.sha256()
+class _TextDigest:
+    """sha256 of one side's lines, fed one line at a time (a corpus of any size streams through)."""
+
+    def __init__(self) -> None:
+        self.h, self.lines = hashlib.sha256(), 0
+
+    def add(self, line: str) -> None:
+        self.h.update(line.encode("utf-8", "surrogatepass"))
+        self.h.update(b"\n")
+        self.lines += 1
+
+
+def _combine(cfg: TokenizerConfig, src: _TextDigest, tgt: _TextDigest) -> str:
     header = {"format": _CACHE_FORMAT, "special": SPECIAL_IDS, "settings": _key_settings(cfg)}
-    h.update(json.dumps(header, sort_keys=True).encode())
-    for side, lines in (("src", src_lines), ("tgt", tgt_lines)):
-        # the line count delimits the sides, so moving a line across them changes the key
-        h.update(f"\0{side}:{len(lines)}\0".encode())
-        for line in lines:
-            h.update(line.encode("utf-8", "surrogatepass"))
-            h.update(b"\n")
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for side, d in (("src", src), ("tgt", tgt)):
+        # the line counts delimit the sides, so moving a line across them changes the key
+        h.update(f"\0{side}:{d.lines}:{d.h.hexdigest()}\0".encode())
     return h.hexdigest()
+
+
+def cache_key(cfg: TokenizerConfig, src_lines: Iterable[str], tgt_lines: Iterable[str]) -> str:
+    """sha256 of the training text (both sides) and every setting that shapes the model."""
+    src, tgt = _TextDigest(), _TextDigest()
+    for line in src_lines:
+        src.add(line)
+    for line in tgt_lines:
+        tgt.add(line)
+    return _combine(cfg, src, tgt)
+
+
+def cache_key_of_pairs(cfg: TokenizerConfig, pairs: Iterable[tuple[str, str]]) -> str:
+    """:func:`cache_key` of the two sides of ``pairs`` in one pass (e.g. streamed from the corpus files)."""
+    src, tgt = _TextDigest(), _TextDigest()
+    for a, b in pairs:
+        src.add(a)
+        tgt.add(b)
+    return _combine(cfg, src, tgt)
 
 
 def _train_model(lines: list[str], cfg: TokenizerConfig, side: str) -> bytes:
@@ -279,24 +305,26 @@ def _load_cached(directory: Path, joint: bool) -> tuple[bytes, bytes | None] | N
     return (data[0], None) if joint else (data[0], data[1])
 
 
-def train_or_load(cfg: TokenizerConfig, src_lines: Sequence[str], tgt_lines: Sequence[str]) -> Tokenizer:
-    """The tokenizer for this training text and these settings: from the cache, or trained now.
-
-    Joint models are trained on both sides together, separate ones on one side each.
-    Raises ConfigError when vocab_size does not fit the text.
-    """
+def load_cached(cfg: TokenizerConfig, key: str) -> Tokenizer | None:
+    """The tokenizer cached under ``key`` (see :func:`cache_key`), or None."""
     _check(cfg)
-    settings = asdict(cfg)
-    key = cache_key(cfg, src_lines, tgt_lines)
     directory = Path(os.path.expanduser(cfg.cache_dir)) / key
-    if directory.is_dir():
-        cached = _load_cached(directory, cfg.joint)
-        if cached is not None:
-            log.info("tokenizer loaded from cache %s", directory)
-            return Tokenizer(cached[0], cached[1], settings)
+    if not directory.is_dir():
+        return None
+    cached = _load_cached(directory, cfg.joint)
+    if cached is None:
         log.warning("tokenizer cache %s is incomplete; training again", directory)
         shutil.rmtree(directory, ignore_errors=True)
+        return None
+    log.info("tokenizer loaded from cache %s", directory)
+    return Tokenizer(cached[0], cached[1], asdict(cfg))
 
+
+def train_and_cache(cfg: TokenizerConfig, key: str, src_lines: Sequence[str], tgt_lines: Sequence[str]) -> Tokenizer:
+    """Train on the lines and store the result under ``key``. Joint models are trained on both sides
+    together, separate ones on one side each. Raises ConfigError when vocab_size does not fit the text."""
+    _check(cfg)
+    directory = Path(os.path.expanduser(cfg.cache_dir)) / key
     if cfg.joint:
         src_proto, tgt_proto = _train_model([*src_lines, *tgt_lines], cfg, "joint source+target text"), None
     else:
@@ -307,6 +335,13 @@ def train_or_load(cfg: TokenizerConfig, src_lines: Sequence[str], tgt_lines: Seq
     _store(directory, _model_files(src_proto, tgt_proto), meta)
     # load back what is in the cache: if another process won the race, use its model
     cached = _load_cached(directory, cfg.joint) or (src_proto, tgt_proto)
-    tok = Tokenizer(cached[0], cached[1], settings)
+    tok = Tokenizer(cached[0], cached[1], asdict(cfg))
     log.info("tokenizer trained (%r) and cached at %s", tok, directory)
     return tok
+
+
+def train_or_load(cfg: TokenizerConfig, src_lines: Sequence[str], tgt_lines: Sequence[str]) -> Tokenizer:
+    """The tokenizer for this training text and these settings: from the cache, or trained now."""
+    _check(cfg)
+    key = cache_key(cfg, src_lines, tgt_lines)
+    return load_cached(cfg, key) or train_and_cache(cfg, key, src_lines, tgt_lines)
