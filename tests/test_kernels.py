@@ -151,3 +151,54 @@ def test_bf16_training_path_stays_close_to_fp32():
         loss16, _, _ = model(src, src_mask, tgt_in, tgt_out, 0.1)
     assert loss16.dtype == torch.float32
     assert abs(loss16.item() - loss32.item()) / n < 0.02
+
+
+def test_an_unsynchronised_step_skips_a_non_finite_update_on_the_device():
+    """train_step(sync=False), the CUDA path, tried on the CPU's fused Adam: a NaN gradient leaves
+    weights and Adam's state as they were, without the host reading anything; a good step moves them."""
+    from nmt.batching import collate
+    from nmt.config import OptimConfig
+    from nmt.optim import build_optimizer
+    from nmt.step import train_step
+
+    model = small_model()
+    opt = build_optimizer(model.parameters(), OptimConfig(name="constant", lr=1e-3, warmup_steps=0), 32, None)
+    if not opt.fused:
+        pytest.skip("this torch has no fused Adam on the CPU")   # (torch < 2.4)
+    batch = collate([[5, 6, 7, 3], [8, 3]], [[9, 10], [11, 12, 13]], [0, 1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hook = model.output_proj.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    u = train_step(model, model, opt, [batch], torch.device("cpu"), None, 0.1, 1.0, sync=False)
+    hook.remove()
+    assert isinstance(u.ok, torch.Tensor) and not bool(u.ok)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(float(s["step"]) == 0 for s in opt.optimizer.state.values())   # Adam's step count was rolled back
+    u = train_step(model, model, opt, [batch], torch.device("cpu"), None, 0.1, 1.0, sync=False)
+    assert bool(u.ok) and not torch.equal(before["output_proj.weight"], model.output_proj.weight)
+
+
+def test_collate_rounds_lengths_up_to_a_multiple():
+    from nmt.batching import collate
+
+    b = collate([[5, 6, 7, 3], [8, 3]], [[9, 10], [11, 12, 13]], [0, 1], multiple=8)
+    assert b.src.shape == b.tgt_in.shape == b.tgt_out.shape == (2, 8)
+    assert b.n_src_tokens == 6 and b.n_tgt_tokens == 7 and int(b.src_mask.sum()) == 6
+
+
+@pytest.mark.slow
+def test_one_compiled_update_equals_the_plain_one():
+    """train.compile: torch.compile'd forward passes give the same loss and gradients (fp32, CPU).
+
+    Gradients, not Adam's update, are compared: the key bias has a true gradient of zero, and Adam
+    turns rounding noise of 1e-10 in it into a full step of either sign."""
+    src, src_mask, tgt_in, tgt_out = batch()
+    plain, compiled = small_model(), small_model()
+    results = []
+    for model, forward in ((plain, plain), (compiled, torch.compile(compiled, dynamic=True))):
+        loss, _, n = forward(src, src_mask, tgt_in, tgt_out, 0.1)
+        (loss / n).backward()
+        results.append(loss.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(k.startswith("_orig_mod") for k in compiled.state_dict())   # the plain module's names

@@ -69,11 +69,13 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
-def _pad(rows: Sequence[Sequence[int]], prefix: list[int], suffix: list[int]) -> torch.Tensor:
-    """[B, W] int64: each row as prefix + row + suffix, PAD to the longest (rows: lists or numpy arrays)."""
+def _pad(rows: Sequence[Sequence[int]], prefix: list[int], suffix: list[int], multiple: int = 1) -> torch.Tensor:
+    """[B, W] int64: each row as prefix + row + suffix, PAD to the longest, W rounded up to ``multiple``
+    (rows: lists or numpy arrays)."""
     lens = [len(r) for r in rows]
     extra = len(prefix) + len(suffix)
-    out = np.full((len(rows), max(lens) + extra), PAD, dtype=np.int64)
+    width = -(-(max(lens) + extra) // multiple) * multiple
+    out = np.full((len(rows), width), PAD, dtype=np.int64)
     if prefix:
         out[:, :len(prefix)] = prefix
     for i, (r, n) in enumerate(zip(rows, lens)):
@@ -84,23 +86,25 @@ def _pad(rows: Sequence[Sequence[int]], prefix: list[int], suffix: list[int]) ->
     return torch.from_numpy(out)
 
 
-def collate(src: Sequence[Sequence[int]], tgt: Optional[Sequence[Sequence[int]]], indices: Sequence[int]) -> Batch:
+def collate(src: Sequence[Sequence[int]], tgt: Optional[Sequence[Sequence[int]]], indices: Sequence[int],
+            multiple: int = 1) -> Batch:
     """Pad one batch. ``src`` rows already end with EOS; ``tgt`` rows are bare (no BOS/EOS).
 
-    ``tgt=None`` (translation) leaves ``tgt_in``/``tgt_out`` as None.
+    ``tgt=None`` (translation) leaves ``tgt_in``/``tgt_out`` as None. ``multiple`` rounds the
+    padded lengths up (8 on GPUs: tensor-core friendly shapes, and fewer distinct shapes).
     """
     if not src:
         raise ValueError("collate needs at least one sentence")
     if len(indices) != len(src) or (tgt is not None and len(tgt) != len(src)):
         raise ValueError(f"collate got {len(src)} sources, {len(indices)} indices"
                          + ("" if tgt is None else f", {len(tgt)} targets"))
-    src_t = _pad(src, [], [])
+    src_t = _pad(src, [], [], multiple)
     src_mask = src_t.ne(PAD)
     tgt_in = tgt_out = None
     n_tgt = 0
     if tgt is not None:
-        tgt_in = _pad(tgt, [BOS], [])
-        tgt_out = _pad(tgt, [], [EOS])
+        tgt_in = _pad(tgt, [BOS], [], multiple)
+        tgt_out = _pad(tgt, [], [EOS], multiple)
         n_tgt = sum(len(y) for y in tgt) + len(tgt)   # each target row gets an EOS
     return Batch(src_t, src_mask, tgt_in, tgt_out, int(src_mask.sum()), n_tgt, [int(i) for i in indices])
 
@@ -120,6 +124,9 @@ class TokenBatchSampler:
     batches, shuffle the batch order. ``shuffle=False`` keeps the positions and
     the batch order as they are (pools are still sorted).
 
+    With ``world > 1`` (distributed training) each rank gets its share of every
+    epoch's batches (see :meth:`_share`).
+
     Iterating yields the batches of the current epoch from the saved position,
     advancing it as each batch is handed out, so :meth:`state_dict` taken after
     processing a batch resumes with the next one. (With a prefetching DataLoader
@@ -128,7 +135,7 @@ class TokenBatchSampler:
     """
 
     def __init__(self, src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, seed: int,
-                 bucket_size: int = 100, shuffle: bool = True):
+                 bucket_size: int = 100, shuffle: bool = True, rank: int = 0, world: int = 1):
         if len(src_lens) != len(tgt_lens):
             raise ValueError(f"{len(src_lens)} source lengths but {len(tgt_lens)} target lengths")
         if max_tokens <= 0 or bucket_size <= 0:
@@ -137,11 +144,15 @@ class TokenBatchSampler:
         tgt = np.asarray(tgt_lens, dtype=np.int64).reshape(-1)
         self._len = np.maximum(src, tgt)           # what a pair costs per batch row
         self.max_tokens, self.seed, self.bucket_size, self.shuffle = int(max_tokens), int(seed), int(bucket_size), bool(shuffle)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        self.rank, self.world = int(rank), int(world)
         avg_batch = max(1, self.max_tokens // max(1, int(self._len.mean()))) if len(self._len) else 1
         self.pool_size = self.bucket_size * avg_batch
         self._fingerprint = {
             "n": len(self._len), "lengths_crc": zlib.crc32(src.tobytes() + tgt.tobytes()),
             "seed": self.seed, "max_tokens": self.max_tokens, "bucket_size": self.bucket_size, "shuffle": self.shuffle,
+            "world": self.world,      # not the rank: every rank is at the same position, rank 0's state is saved
         }
         self._epoch, self._position = 0, 0
         self._batches: Optional[list[list[int]]] = None  # cache for the current epoch
@@ -193,7 +204,18 @@ class TokenBatchSampler:
             batches.extend(self._cut(pool.tolist()))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
-        return batches
+        return self._share(batches)
+
+    def _share(self, batches: list[list[int]]) -> list[list[int]]:
+        """This rank's batches: every ``world``-th from ``rank`` on, the list first padded by repeating its
+        start so that all ranks do the same number of updates (so an epoch covers the corpus at least once).
+        Round-robin, so that update i of ``world`` ranks sees the batches that update i of one process
+        with ``train.accumulate=world`` would."""
+        if self.world == 1 or not batches:
+            return batches
+        per_rank = -(-len(batches) // self.world)
+        padded = [batches[i % len(batches)] for i in range(per_rank * self.world)]
+        return padded[self.rank::self.world]
 
     def _cut(self, sorted_idx: list[int]) -> list[list[int]]:
         """Greedy cut of ascending-length positions into batches within the budget."""

@@ -18,6 +18,9 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from nmt.config import OptimConfig
+from nmt.schedules import wsd_decay_start
+
 
 def now() -> float:
     """The budget's clock (a module function, so that tests can replace it)."""
@@ -66,3 +69,24 @@ class TimeBudget:
         self.seconds_before = float(state.get("seconds", 0.0))
         fixed = state.get("fixed_total")
         self.fixed_total = None if fixed is None else int(fixed)
+
+
+def schedule_end(budget: TimeBudget, step: int, step_limit: int, o: OptimConfig) -> tuple[Optional[int], bool]:
+    """(the schedule's end to use after ``step``, whether it is now fixed) under a time budget.
+
+    The estimate (capped by ``step_limit``, the end that steps or epochs set, 0 for none) moves
+    until the decay would start; then it is fixed such that no step taken so far lies inside the
+    decay. None while nothing is measured yet.
+    """
+    if budget.fixed_total:
+        return budget.fixed_total, True
+    estimate = budget.estimate_total(step)
+    if estimate is None:
+        return None, False
+    total = min(estimate, step_limit) if step_limit else estimate
+    total = max(total, o.warmup_steps + 1)         # a budget shorter than the warmup decays right after it
+    if step < wsd_decay_start(total, o.decay_fraction, o.warmup_steps):
+        return total, False
+    while wsd_decay_start(total, o.decay_fraction, o.warmup_steps) < step:
+        total += max(1, step - wsd_decay_start(total, o.decay_fraction, o.warmup_steps))
+    return total, True

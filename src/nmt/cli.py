@@ -22,6 +22,29 @@ def one_line(e: Exception) -> str:
     return f"{key}: {first}" if key and key not in first else first
 
 
+def _shared_run_dir(cfg, run_dir: Path) -> Path:
+    """Under torchrun, every rank uses rank 0's run directory (each rank's Hydra picked its own from
+    its clock); the others log warnings only, to the console, and remove the folder Hydra made for
+    them if it holds nothing else."""
+    import shutil
+
+    from nmt import distributed
+
+    d = distributed.init(cfg.device)
+    if not d.enabled:
+        return run_dir
+    shared = Path(d.broadcast(str(run_dir)))
+    if not d.main:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+        if run_dir.resolve() != shared.resolve() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return shared
+
+
 def run_training(dcfg: DictConfig) -> dict:
     """Validate the composed config and train in Hydra's run directory."""
     from hydra.core.hydra_config import HydraConfig
@@ -34,6 +57,7 @@ def run_training(dcfg: DictConfig) -> dict:
     try:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         cfg = to_config(dcfg)
+        run_dir = _shared_run_dir(cfg, run_dir)
         summary = train(cfg, run_dir)
     except (ConfigError, CorpusError, CheckpointError, TrainingError, ValueError) as e:
         log.error("%s", one_line(e))

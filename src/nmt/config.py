@@ -176,6 +176,7 @@ class TrainConfig:
     progress: bool = True              # tqdm progress bar
     max_minutes: float = 0.0           # stop (validate, save) after this much time in this invocation (0 = no limit)
     threads: int = 0                   # torch CPU threads (0 = torch's default)
+    compile: bool = False              # torch.compile the model (checkpoints keep the plain weights)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 

@@ -16,7 +16,7 @@ import sacrebleu
 import torch
 
 from nmt.batching import Batch, batches_for_inference, collate
-from nmt.config import DecodeConfig
+from nmt.config import DecodeConfig, ValidConfig
 from nmt.loss import label_smoothed_nll, n_correct
 from nmt.search import Hypothesis, search
 from nmt.tokenizer import BOS, EOS, PAD
@@ -95,3 +95,19 @@ def corpus_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
         "chrf": sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score,
         "distinct": len(set(hyps)) / max(len(hyps), 1),
     }
+
+
+def validate(model: torch.nn.Module, dev_batches: list[Batch], blind_batches: list[Batch],
+             dev_src: Sequence[list[int]], refs: Sequence[str], tokenizer, v: ValidConfig, device: torch.device,
+             autocast_dtype: Optional[torch.dtype] = None) -> tuple[dict[str, float], list[str]]:
+    """Dev loss, perplexity, accuracy, source use and BLEU/chrF of the first ``v.max_sentences``
+    dev sentences decoded with ``v.decode``; returns (metrics, those translations)."""
+    real = corpus_loss(model, dev_batches, device, autocast_dtype)
+    blind = corpus_loss(model, blind_batches, device, autocast_dtype)
+    n = v.max_sentences or len(dev_src)
+    out = translate_ids(model, dev_src[:n], v.decode, device, v.batch_size, 0, autocast_dtype)
+    hyps = [tokenizer.decode_tgt(h[0]) if h else "" for h in out]
+    s = corpus_scores(hyps, refs[:n])
+    return dict(valid_loss=real.loss, valid_ppl=real.ppl, valid_acc=real.accuracy, valid_bleu=s["bleu"],
+                valid_chrf=s["chrf"], valid_src_gain=blind.loss - real.loss, valid_blind_loss=blind.loss,
+                valid_distinct=s["distinct"]), hyps

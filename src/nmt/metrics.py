@@ -34,7 +34,12 @@ class MetricsLogger:
     before its next checkpoint) are dropped so the file tells one story.
     """
 
-    def __init__(self, run_dir: Path, resume_step: Optional[int] = None, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_step: Optional[int] = None, tensorboard: bool = True,
+                 enabled: bool = True):
+        self.enabled = enabled           # False on the ranks > 0 of a distributed run: they write nothing
+        self.tb = None
+        if not enabled:
+            return
         self.path = Path(run_dir) / "metrics.csv"
         if resume_step is not None and self.path.exists():
             kept = [r for r in self._raw_rows() if r.get("step") and int(float(r["step"])) <= resume_step]
@@ -43,7 +48,6 @@ class MetricsLogger:
             self._write_rows([])
         self._file = open(self.path, "a", newline="", encoding="utf-8")
         self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -62,6 +66,8 @@ class MetricsLogger:
         tmp.replace(self.path)
 
     def log(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
         row = {"step": step}
         for k, v in values.items():
             if k not in COLUMNS:
@@ -79,11 +85,15 @@ class MetricsLogger:
             self.tb.add_text(tag, text, step)
 
     def flush(self) -> None:
+        if not self.enabled:
+            return
         self._file.flush()
         if self.tb is not None:
             self.tb.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self.tb is not None:
             self.tb.close()

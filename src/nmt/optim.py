@@ -82,15 +82,28 @@ class ScheduledOptimizer:
         return describe_schedule(self.cfg, self.d_model, self.total_steps)
 
     # ------------------------------------------------------------------ updates
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """One update: advance the counter, set the LR of every group, step Adam."""
+    @property
+    def fused(self) -> bool:
+        """Whether Adam runs as one fused kernel (which can skip an update on the device: ``found_inf``)."""
+        return bool(self.optimizer.param_groups[0].get("fused"))
+
+    def step(self, closure: Optional[Callable[[], float]] = None,
+             found_inf: Optional[torch.Tensor] = None) -> Optional[float]:
+        """One update: advance the counter, set the LR of every group, step Adam. With ``found_inf``
+        (a 0/1 float tensor; fused Adam only) the device skips the update where it is 1."""
         self._step += 1
         lr = self.lr_at(self._step)
         if not math.isfinite(lr) or lr > _FLOAT32_MAX:   # fused Adam would quietly turn the weights into inf
             raise RuntimeError(f"learning rate {lr:.3g} cannot be converted to float32 without overflow")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        return self.optimizer.step(closure)
+        if found_inf is None:
+            return self.optimizer.step(closure)
+        self.optimizer.found_inf = found_inf          # read by torch's fused Adam, as AMP's grad scaler sets it
+        try:
+            return self.optimizer.step(closure)
+        finally:
+            del self.optimizer.found_inf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -2,14 +2,18 @@
 
 The loop: take ``accumulate`` token-budget batches, one optimizer update,
 log every ``log_every`` updates, validate every ``valid_every`` updates (and
-at epoch ends), checkpoint after validation, stop on max steps/epochs, early
-stopping, a stop signal, or too many non-finite updates in a row.
+at epoch ends), checkpoint after validation, stop on max steps/epochs/minutes,
+early stopping, a stop signal, or too many non-finite updates in a row.
+Under ``torchrun`` each rank trains on its share of the batches; rank 0 logs,
+validates and writes files, and the ranks agree on when to stop
+(:mod:`nmt.distributed`; a one-process run is unchanged by it).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,27 +21,26 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
+from nmt import distributed
 from nmt.average import average_checkpoints
 from nmt.batching import TokenBatchSampler, collate
-from nmt.budget import TimeBudget
-from nmt.checkpoint import (FORMAT, CheckpointError, CheckpointManager, all_finite, check_compatible,
-                            load_resume_checkpoint)
-from nmt.config import Config, from_dict, to_dict
+from nmt.budget import TimeBudget, schedule_end
+from nmt.checkpoint import FORMAT, CheckpointManager, all_finite
+from nmt.config import Config, to_dict
 from nmt.data import PreparedData, prepare_data
 from nmt.early_stopping import EarlyStopping
-from nmt.evaluate import blind_sources, corpus_loss, corpus_scores, make_batches, translate_ids
-from nmt.finetune import inherited_tokenizer_config, load_init, provenance, report_unknowns
+from nmt.evaluate import blind_sources, make_batches, validate
+from nmt.finetune import report_unknowns
 from nmt.metrics import MetricsLogger
 from nmt.model import Transformer
 from nmt.optim import ScheduledOptimizer, build_optimizer, describe_schedule, peak_lr, warmup_end
 from nmt.runtime import (StopSignal, autocast_dtype, configure_backends, rng_state, seed_everything,
                          select_device, set_rng_state)
-from nmt.schedules import wsd_decay_start
-from nmt.step import accumulate_gradients
+from nmt.startup import find_init, find_resume
+from nmt.step import train_step
 from nmt.tokenizer import PAD, Tokenizer
 
 log = logging.getLogger(__name__)
-
 
 # the provisional end of a schedule whose end the time budget sets: far enough to keep any decay away
 UNKNOWN_END = 10 ** 12
@@ -51,29 +54,31 @@ class Trainer:
     """Holds the objects of one run; ``run()`` is the training loop."""
 
     def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.init_from: Optional[dict] = None      # train.init_from: where this run started from
-        self.device = select_device(cfg.device)
+        self.cfg, self.run_dir, t = cfg, Path(run_dir), cfg.train
+        self.dist = distributed.init(cfg.device)
+        self.device = self.dist.device(select_device(cfg.device))
         self.amp = autocast_dtype(cfg.precision, self.device, training=True)
         self.eval_amp = autocast_dtype(cfg.precision, self.device)    # validation decodes as the translator does
         configure_backends(self.device)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.train.seed)
-        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        seed_everything(t.seed)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", max(t.keep_last, t.average_last))
-        self.ckpt.prepare()                    # an unwritable folder fails now, not at the first save
-        resume = self._find_resume()
-        init = self._find_init() if not resume else None
-        source = resume or init
-        tokenizer = Tokenizer.from_state(source["tokenizer"]) if source else None
-        self.data: PreparedData = prepare_data(cfg, tokenizer)
+        if self.dist.main:
+            self.ckpt.prepare()                # an unwritable folder fails now, not at the first save
+        resume = find_resume(cfg, self.run_dir)
+        init, self.init_from = find_init(cfg) if not resume else (None, None)
+        if resume:
+            self.init_from = resume.get("init_from")
+        start = resume or init
+        with self.dist.main_first():           # rank 0 builds the tokenizer and token caches, the others map them
+            self.data: PreparedData = prepare_data(cfg, Tokenizer.from_state(start["tokenizer"]) if start else None)
         self.tok = self.data.tokenizer
         if init:
             report_unknowns(self.data.train_src, self.data.train_tgt, inherited=True)
-        self.tok.save(self.run_dir / "tokenizer")
         self.sampler = TokenBatchSampler(self.data.train_src_lens, self.data.train_tgt_lens, t.max_tokens,
-                                         seed=t.seed, bucket_size=t.bucket_size)
+                                         seed=t.seed, bucket_size=t.bucket_size, rank=self.dist.rank,
+                                         world=self.dist.world)
         self.model = Transformer(cfg.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size, PAD).to(self.device)
         # the run's length in steps when steps or epochs bound it (0: only the time budget does)
         self.total_steps = t.max_steps or (t.max_epochs * math.ceil(len(self.sampler) / t.accumulate))
@@ -84,6 +89,9 @@ class Trainer:
         self.opt: ScheduledOptimizer = build_optimizer(self.model.parameters(), cfg.optim, cfg.model.d_model, total)
         self.stopper = EarlyStopping(t.early_stopping.metric, t.early_stopping.patience, t.early_stopping.min_delta)
         self.step, self.bad_in_row, self.skipped = 0, 0, 0
+        # CUDA: updates skipped on the device, read back at logging steps
+        self.pending_bad, self.bad_run, self.max_bad_run = (torch.zeros((), dtype=torch.int32, device=self.device)
+                                                            for _ in range(3))
         self.last_valid: dict[str, float] = {}
         self._saved_at = time.time()              # of the last periodic checkpoint (train.save_every_minutes)
         self.averaged: Optional[dict] = None      # dev scores of checkpoints/averaged.pt (train.average_last)
@@ -93,45 +101,21 @@ class Trainer:
             self._restore(resume)
         elif init:
             self._initialize(init)
-        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)), encoding="utf-8")
+        if self.dist.enabled and not resume:     # the same initial weights everywhere, a dropout stream per rank
+            torch.manual_seed(t.seed + 1000 * self.dist.rank)
+        self.forward = self.dist.wrap(self.model, self.device)     # DDP when distributed: runs the forward passes
+        if t.compile:                             # the compiled wrapper runs; self.model keeps the plain weights
+            self.forward = torch.compile(self.forward, dynamic=True)
+        self.pad_multiple = 8 if self.device.type == "cuda" else 1
+        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume else None, enabled=self.dist.main)
+        if self.dist.main:
+            self.tok.save(self.run_dir / "tokenizer")
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)), encoding="utf-8")
         self._log_setup()
 
     # ------------------------------------------------------------------ setup helpers
-    def _find_resume(self) -> Optional[dict]:
-        r = self.cfg.train.resume
-        if r is False or r is None or str(r).lower() in ("false", "no", ""):
-            return None
-        where = self.run_dir / "checkpoints" if str(r).lower() in ("true", "yes") else Path(str(r))
-        if str(r).lower() in ("true", "yes") and not any(where.glob("*.pt")):
-            log.info("train.resume=true but %s holds no checkpoint: starting from scratch", where)
-            return None
-        obj, path = load_resume_checkpoint(where)
-        if self.cfg.train.init_from:        # a fine-tuning run: its tokenizer is the inherited one
-            self.cfg.tokenizer = inherited_tokenizer_config(self.cfg, obj)
-            self.init_from = obj.get("init_from")
-        if "optimizer" not in obj:
-            raise CheckpointError(f"{path} holds weights only (an averaged or inference checkpoint), not the "
-                                  "training state that train.resume needs; resume from last.pt or a step-N.pt")
-        check_compatible(from_dict(obj["config"]), self.cfg, path)
-        log.info("resuming from %s (step %d)", path, obj["step"])
-        return obj
-
-    def _find_init(self) -> Optional[dict]:
-        """train.init_from: the checkpoint a new (fine-tuning) run starts from; its tokenizer settings
-        replace the config's, so that config.yaml says what the run really uses."""
-        if not self.cfg.train.init_from:
-            return None
-        obj, path = load_init(self.cfg)
-        self.cfg.tokenizer = inherited_tokenizer_config(self.cfg, obj)
-        self.init_from = provenance(obj, path, self.cfg.train.init_keep)
-        log.info("starting from %s (step %d, trained on %s): its weights and tokenizer; fresh %s",
-                 path, obj["step"], self.init_from["data"],
-                 ", ".join(p for p in ("optimizer", "schedule", "sampler", "early stopping")
-                           if p not in self.cfg.train.init_keep))
-        return obj
-
     def _initialize(self, obj: dict) -> None:
+        """Fine-tuning: the checkpoint's weights (and, if asked, its optimizer state / schedule step)."""
         self.model.load_state_dict(obj["model"])
         keep = self.cfg.train.init_keep
         if keep:
@@ -144,7 +128,12 @@ class Trainer:
         self.opt.load_state_dict(obj["optimizer"])
         self.sampler.load_state_dict(obj["sampler"])
         self.stopper.load_state_dict(obj["early_stopping"])
-        set_rng_state(obj["rng"])
+        ranks = obj.get("rng_ranks") or [obj["rng"]]
+        if self.dist.world != len(ranks):
+            log.warning("resuming a run of %d process(es) with %d: each rank's batches and random streams "
+                        "start afresh from this epoch (the result is not that of an uninterrupted run)",
+                        len(ranks), self.dist.world)
+        set_rng_state(ranks[self.dist.rank % len(ranks)])
         self.step = obj["step"]
         self.budget.load_state_dict(obj.get("budget", {}))
         if self.timed_end and self.budget.fixed_total:
@@ -155,12 +144,13 @@ class Trainer:
     def _log_setup(self) -> None:
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("run directory: %s", self.run_dir.resolve())
-        log.info("device %s, %s; model %.2fM parameters (%s-norm, share_embeddings=%s)", self.device,
+        log.info("device %s, %s; model %.2fM parameters (%s-norm, share_embeddings=%s); %s", self.device,
                  "bf16 autocast" if self.amp else "fp32", n_params / 1e6, self.cfg.model.norm,
-                 self.cfg.model.share_embeddings)
-        log.info("data %s: %d training pairs, %d dev pairs; vocab %d/%d; %d batches per epoch (max_tokens %d)",
+                 self.cfg.model.share_embeddings, self.dist.describe())
+        log.info("data %s: %d training pairs, %d dev pairs; vocab %d/%d; %d batches per epoch%s (max_tokens %d%s)",
                  self.cfg.data.name, len(self.data.train_src), len(self.data.dev_src), self.tok.src_vocab_size,
-                 self.tok.tgt_vocab_size, len(self.sampler), self.cfg.train.max_tokens)
+                 self.tok.tgt_vocab_size, len(self.sampler), " per rank" if self.dist.enabled else "",
+                 self.cfg.train.max_tokens, " per rank and batch" if self.dist.enabled else "")
         if self.timed_end and not self.budget.fixed_total:
             log.info("%s schedule: peak LR %.2e after %d warmup steps; the decay takes the last %g%% of the run, "
                      "whose end is estimated from train.max_minutes=%g as training goes", self.cfg.optim.name,
@@ -176,7 +166,7 @@ class Trainer:
         window = {"loss": 0.0, "tokens": 0, "real": 0, "padded": 0, "norm": 0.0, "n": 0, "t0": time.time()}
         start = self._saved_at = time.time()
         self.budget.start(self.step)
-        bar = _progress(t.progress, self.total_steps, self.step)
+        bar = _progress(t.progress and self.dist.main, self.total_steps, self.step)
         with StopSignal() as stop:
             while reason is None:
                 group = self._next_group()
@@ -187,16 +177,13 @@ class Trainer:
                     if reason is None and t.max_epochs and self.sampler.epoch >= t.max_epochs:
                         reason = f"reached train.max_epochs={t.max_epochs}"
                     continue
-                batches = [collate([self.data.train_src[i] for i in idx], [self.data.train_tgt[i] for i in idx], idx)
-                           for idx in group]
+                batches = [self._collate(idx) for idx in group]
                 loss, norm, ntok, ok = self._update(batches)
                 if not ok:
                     reason = self._bad_update(loss, norm)
                     continue
                 self.step += 1
                 self.bad_in_row = 0
-                if self.timed_end:
-                    self._estimate_schedule_end()
                 _accumulate(window, loss, norm, ntok, batches)
                 if self.step % t.log_every == 0:
                     self._log_train(window, bar)
@@ -209,9 +196,7 @@ class Trainer:
                 if reason is None and t.max_steps and self.step >= t.max_steps:
                     reason = f"reached train.max_steps={t.max_steps}"
                 if reason is None:
-                    reason = self._budget_reason()
-                if reason is None and stop.received:
-                    reason = f"interrupted by {stop.received}"
+                    reason = self._agree(stop)         # signals, time budget, the schedule's end
                 bar.update(1)
             bar.close()
             if not self.last_valid or self.last_valid.get("step") != self.step:
@@ -219,24 +204,36 @@ class Trainer:
                     self._validate_and_save(final=True)
                 else:
                     self._save()
-            if t.average_last and not reason.startswith("interrupted") and not stop.received:
+            if t.average_last and not reason.startswith("interrupted") and not stop.received and self.dist.main:
                 self._average()
         return self._finish(reason, time.time() - start)
 
-    def _average(self) -> None:
-        """Average the newest ``train.average_last`` step-N.pt into averaged.pt and validate it."""
-        paths = self.ckpt.periodic_files()[-self.cfg.train.average_last:]
-        if len(paths) < 2:
-            log.info("train.average_last=%d: only %d periodic checkpoint(s), nothing to average",
-                     self.cfg.train.average_last, len(paths))
-            return
-        averaged = average_checkpoints(paths, self.ckpt.folder / "averaged.pt")
-        self.model.load_state_dict(averaged["model"])
-        m = self.validate()
-        self.averaged = {"from_steps": [a["step"] for a in averaged["averaged_from"]], **m}
-        log.info("averaged checkpoint (steps %s): loss %.4f | BLEU %.2f chrF %.2f (last: BLEU %.2f); written to %s",
-                 ", ".join(map(str, self.averaged["from_steps"])), m["valid_loss"], m["valid_bleu"], m["valid_chrf"],
-                 self.last_valid.get("valid_bleu", float("nan")), self.ckpt.folder / "averaged.pt")
+    def _agree(self, stop: StopSignal) -> Optional[str]:
+        """Why to stop now, the same on every rank: a signal any rank received, rank 0's clock, and
+        (under a time budget) the schedule's end that rank 0 estimates from its update rate."""
+        total, fixed = schedule_end(self.budget, self.step, self.total_steps, self.cfg.optim) \
+            if self.timed_end and self.dist.main else (None, False)
+        received = int(getattr(signal, stop.received)) if stop.received else 0     # the signal's number
+        received, expired, total, fixed = self.dist.agree(
+            [received, self.dist.main and self.budget.expired(), total or 0, fixed], self.device)
+        if self.timed_end and total:
+            self.opt.total_steps = int(total)
+            if fixed and not self.budget.fixed_total:
+                self.budget.fixed_total = int(total)
+                log.info("time budget: the LR decay starts after step %d and ends at step %d (%.2f s per update so "
+                         "far, %.1f of %g minutes used)", self.step, total, self.budget.seconds / max(self.step, 1),
+                         self.budget.seconds / 60, self.cfg.train.max_minutes)
+        if received:
+            return f"interrupted by {signal.Signals(int(received)).name}"
+        if expired:
+            return f"reached train.max_minutes={self.cfg.train.max_minutes:g}"
+        return self._schedule_end_reason()
+
+    def _schedule_end_reason(self) -> Optional[str]:
+        if self.timed_end and self.budget.fixed_total and self.step >= self.budget.fixed_total:
+            return (f"reached the end of the {self.cfg.optim.name} schedule at step {self.step} "
+                    f"(estimated from train.max_minutes={self.cfg.train.max_minutes:g})")
+        return None
 
     def _already_done(self) -> Optional[str]:
         t = self.cfg.train
@@ -244,37 +241,9 @@ class Trainer:
             return f"reached train.max_steps={t.max_steps}"
         if t.max_epochs and self.sampler.epoch >= t.max_epochs:
             return f"reached train.max_epochs={t.max_epochs}"
-        return self._budget_reason() or self._early_stop_reason()
-
-    def _budget_reason(self) -> Optional[str]:
         if self.budget.expired():
-            return f"reached train.max_minutes={self.cfg.train.max_minutes:g}"
-        if self.timed_end and self.budget.fixed_total and self.step >= self.budget.fixed_total:
-            return (f"reached the end of the {self.cfg.optim.name} schedule at step {self.step} "
-                    f"(estimated from train.max_minutes={self.cfg.train.max_minutes:g})")
-        return None
-
-    def _estimate_schedule_end(self) -> None:
-        """Under a time budget: move the schedule's end to the current estimate until the decay
-        starts, then fix it (see nmt.budget)."""
-        if self.budget.fixed_total:
-            return
-        estimate = self.budget.estimate_total(self.step)
-        if estimate is None:
-            return
-        o = self.cfg.optim
-        total = min(estimate, self.total_steps) if self.total_steps else estimate
-        total = max(total, o.warmup_steps + 1)         # a budget shorter than the warmup decays right after it
-        if self.step < wsd_decay_start(total, o.decay_fraction, o.warmup_steps):
-            self.opt.total_steps = total
-            return
-        # the decay starts now: no earlier step may fall inside it, so its start is this step at the earliest
-        while wsd_decay_start(total, o.decay_fraction, o.warmup_steps) < self.step:
-            total += max(1, self.step - wsd_decay_start(total, o.decay_fraction, o.warmup_steps))
-        self.opt.total_steps = self.budget.fixed_total = total
-        log.info("time budget: the LR decay starts after step %d and ends at step %d (%.2f s per update so far, "
-                 "%.1f of %g minutes used)", self.step, total, self.budget.seconds / max(self.step, 1),
-                 self.budget.seconds / 60, self.cfg.train.max_minutes)
+            return f"reached train.max_minutes={t.max_minutes:g}"
+        return self._schedule_end_reason() or self._early_stop_reason()
 
     def _early_stop_reason(self) -> Optional[str]:
         if not self.stopper.should_stop:
@@ -282,6 +251,11 @@ class Trainer:
         return (f"early stopping: {self.stopper.metric} did not improve by more than {self.stopper.min_delta} "
                 f"for {self.stopper.patience} validations (best {self.stopper.best:.4f} at step "
                 f"{self.stopper.best_step})")
+
+    def _collate(self, idx: list[int]):
+        batch = collate([self.data.train_src[i] for i in idx], [self.data.train_tgt[i] for i in idx], idx,
+                        self.pad_multiple)
+        return batch.pin_memory() if self.device.type == "cuda" else batch   # the copy overlaps with compute
 
     def _next_group(self) -> Optional[list[list[int]]]:
         group = []
@@ -292,23 +266,38 @@ class Trainer:
         return group or None
 
     def _update(self, batches) -> tuple[float, float, int, bool]:
-        """One optimizer update over ``batches``; loss normalised by their target tokens."""
+        """One optimizer update over ``batches``; loss normalised by their target tokens (of all ranks).
+        On CUDA nothing is read back here (loss, norm and ok are device tensors until the next log)."""
         t = self.cfg.train
-        self.model.train()
-        self.opt.zero_grad()
-        loss, total = accumulate_gradients(self.model, batches, self.device, self.amp, t.label_smoothing)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
-        norm = float(norm)
-        ok = math.isfinite(loss) and math.isfinite(norm)
-        if ok:
-            try:
-                self.opt.step()
-            except RuntimeError as e:  # e.g. an LR beyond float32's range: "cannot be converted ... overflow"
-                self._abort(f"the optimizer update failed at step {self.step + 1} with learning rate "
-                            f"{self.opt.lr:.3g}: {str(e).splitlines()[0]}", "optimizer update failed")
-        else:
-            self.opt.zero_grad()
-        return loss, norm, total, ok
+        try:
+            u = train_step(self.model, self.forward, self.opt, batches, self.device, self.amp, t.label_smoothing,
+                           t.clip_norm, self.dist, sync=self.device.type != "cuda")
+        except RuntimeError as e:  # e.g. an LR beyond float32's range: "cannot be converted ... overflow"
+            if "learning rate" not in str(e) and "overflow" not in str(e):
+                raise
+            self._abort(f"the optimizer update failed at step {self.step + 1} with learning rate "
+                        f"{self.opt.lr:.3g}: {str(e).splitlines()[0]}", "optimizer update failed")
+        if isinstance(u.ok, torch.Tensor):     # skipped on the device, if at all: counted at the next log
+            self.pending_bad = self.pending_bad + (~u.ok).int()
+            self.bad_run = (self.bad_run + (~u.ok).int()) * (~u.ok).int()
+            self.max_bad_run = torch.maximum(self.max_bad_run, self.bad_run)
+            return u.loss.nan_to_num(0.0), u.norm.nan_to_num(0.0), u.tokens, True
+        return u.loss, u.norm, u.tokens, u.ok
+
+    def _check_device_skips(self) -> None:
+        """CUDA: count the updates the device skipped since the last check; abort as _bad_update would."""
+        bad, run = int(self.pending_bad), int(self.max_bad_run)
+        if not bad:
+            return
+        self.skipped += bad
+        log.warning("%d non-finite update(s) skipped on the device before step %d; %d in total", bad, self.step,
+                    self.skipped)
+        self.pending_bad.zero_()
+        self.max_bad_run.copy_(self.bad_run)
+        if run >= self.cfg.train.max_bad_steps:
+            self._abort(f"{run} non-finite updates in a row before step {self.step} (train.max_bad_steps="
+                        f"{self.cfg.train.max_bad_steps}); the learning rate is probably too high (current "
+                        f"{self.opt.lr:.3g})", f"{run} non-finite updates in a row")
 
     def _bad_update(self, loss: float, norm: float) -> Optional[str]:
         self.bad_in_row += 1
@@ -330,6 +319,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging, validation, checkpoints
     def _log_train(self, w: dict, bar) -> None:
+        self._check_device_skips()
+        w.update(loss=float(w["loss"]), norm=float(w["norm"]))      # the one read-back of the window (CUDA)
         n = max(w["n"], 1)
         elapsed = max(time.time() - w["t0"], 1e-9)
         row = dict(epoch=self._epoch(), lr=self.opt.lr, loss=w["loss"] / max(w["tokens"], 1), grad_norm=w["norm"] / n,
@@ -337,41 +328,40 @@ class Trainer:
                    bad_steps=self.skipped)
         self.metrics.log(self.step, **row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
-        log.info("step %d epoch %.2f | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tok/s | padding eff %.2f",
-                 self.step, row["epoch"], row["loss"], row["lr"], row["grad_norm"], row["tokens_per_sec"],
-                 row["padding_eff"])
+        if self.dist.main:
+            log.info("step %d epoch %.2f | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tok/s | padding eff %.2f",
+                     self.step, row["epoch"], row["loss"], row["lr"], row["grad_norm"], row["tokens_per_sec"],
+                     row["padding_eff"])
         w.update(loss=0.0, tokens=0, real=0, padded=0, norm=0.0, n=0, t0=time.time())
 
     def _epoch(self) -> float:
         return self.sampler.epoch + self.sampler.state_dict()["position"] / max(len(self.sampler), 1)
 
     def validate(self) -> dict[str, float]:
-        v = self.cfg.valid
-        real = corpus_loss(self.model, self.dev_batches, self.device, self.eval_amp)
-        blind = corpus_loss(self.model, self.blind_batches, self.device, self.eval_amp)
-        n = v.max_sentences or len(self.data.dev_src)
-        out = translate_ids(self.model, self.data.dev_src[:n], v.decode, self.device, v.batch_size, 0,
-                            self.eval_amp)
-        hyps = [self.tok.decode_tgt(h[0]) if h else "" for h in out]
-        s = corpus_scores(hyps, self.data.dev_ref_text[:n])
-        for i in range(min(v.samples, n)):
-            self.metrics.text(f"samples/{i}", f"**src:** {self.data.dev_src_text[i]}  \n**ref:** "
-                              f"{self.data.dev_ref_text[i]}  \n**hyp:** {hyps[i]}", self.step)
-            log.info("sample %d: %s => %s", i, self.data.dev_src_text[i][:80], hyps[i][:120])
-        return dict(valid_loss=real.loss, valid_ppl=real.ppl, valid_acc=real.accuracy, valid_bleu=s["bleu"],
-                    valid_chrf=s["chrf"], valid_src_gain=blind.loss - real.loss, valid_blind_loss=blind.loss,
-                    valid_distinct=s["distinct"])
+        """Validate the current weights (on rank 0 when distributed); logs sample translations."""
+        v, d = self.cfg.valid, self.data
+        m, hyps = validate(self.model, self.dev_batches, self.blind_batches, d.dev_src, d.dev_ref_text, self.tok, v,
+                           self.device, self.eval_amp)
+        for i in range(min(v.samples, len(hyps))):
+            self.metrics.text(f"samples/{i}", f"**src:** {d.dev_src_text[i]}  \n**ref:** {d.dev_ref_text[i]}  \n"
+                              f"**hyp:** {hyps[i]}", self.step)
+            log.info("sample %d: %s => %s", i, d.dev_src_text[i][:80], hyps[i][:120])
+        return m
 
     def _validate_and_save(self, final: bool = False) -> Optional[str]:
-        m = self.validate()
+        """Rank 0 validates; every rank updates early stopping (and the plateau schedule) with its
+        result, so they stop together; then a checkpoint."""
+        m = self.dist.broadcast(self.validate() if self.dist.main else None)
         self.metrics.log(self.step, epoch=self._epoch(), lr=self.opt.lr, **m)
         self.last_valid = {"step": self.step, **m}
         improved = self.stopper.update(m[self.stopper.column], self.step)
         self.opt.report_metric(m[self.stopper.column], self.stopper.higher_is_better)
-        log.info("validation step %d: loss %.4f ppl %.2f acc %.3f | BLEU %.2f chrF %.2f | src_gain %.3f "
-                 "distinct %.2f%s", self.step, m["valid_loss"], m["valid_ppl"], m["valid_acc"], m["valid_bleu"],
-                 m["valid_chrf"], m["valid_src_gain"], m["valid_distinct"], " (new best)" if improved else "")
-        if self.step > warmup_end(self.cfg.optim) and m["valid_src_gain"] < self.cfg.train.src_gain_warn:
+        if self.dist.main:
+            log.info("validation step %d: loss %.4f ppl %.2f acc %.3f | BLEU %.2f chrF %.2f | src_gain %.3f "
+                     "distinct %.2f%s", self.step, m["valid_loss"], m["valid_ppl"], m["valid_acc"], m["valid_bleu"],
+                     m["valid_chrf"], m["valid_src_gain"], m["valid_distinct"], " (new best)" if improved else "")
+        if self.dist.main and self.step > warmup_end(self.cfg.optim) and \
+                m["valid_src_gain"] < self.cfg.train.src_gain_warn:
             log.warning("src_gain %.3f nats/token after warmup: the model barely uses its source sentence (it may be "
                         "learning only an English language model; distinct outputs %.0f%%). This often means the peak "
                         "LR is too high for this model: try a lower optim.factor / optim.peak_lr or a longer warmup.",
@@ -380,41 +370,67 @@ class Trainer:
         return None if final else self._early_stop_reason()
 
     def _save(self, best: bool = False, periodic: bool = False) -> None:
+        """Checkpoint (rank 0 writes; every rank contributes its random state)."""
         # an update can leave NaN/inf weights even when its loss and gradient were finite; such a model
         # is lost (every later loss is NaN), so stop here and keep the earlier checkpoints as they are
+        # (the weights are the same on every rank, so all ranks stop)
         if not all_finite(self.model.state_dict()):
             self._abort(f"the weights became non-finite (NaN/inf) by step {self.step}; nothing was saved, the "
                         f"checkpoints in {self.ckpt.folder} are from earlier steps. Lower the learning rate "
                         f"(current {self.opt.lr:.3g}).", "non-finite weights")
+        rngs = self.dist.gather(rng_state())
         if periodic:
             self._saved_at = time.time()
+        if not self.dist.main:
+            return
         self.ckpt.save({
             "format": FORMAT, "model": self.model.state_dict(), "config": to_dict(self.cfg),
             "tokenizer": self.tok.to_state(), "decode": to_dict(self.cfg.decode), "step": self.step,
             "epoch": self._epoch(), "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
-            "rng": rng_state(), "early_stopping": self.stopper.state_dict(), "skipped_steps": self.skipped,
+            "rng": rngs[0], "rng_ranks": rngs if self.dist.enabled else None,
+            "early_stopping": self.stopper.state_dict(), "skipped_steps": self.skipped,
             "budget": self.budget.state_dict(), "init_from": self.init_from,
             "metrics": {k: float(v) for k, v in self.last_valid.items()},
         }, best=best, periodic=periodic)
 
+    def _average(self) -> None:
+        """Average the newest ``train.average_last`` step-N.pt into averaged.pt and validate it."""
+        paths = self.ckpt.periodic_files()[-self.cfg.train.average_last:]
+        if len(paths) < 2:
+            log.info("train.average_last=%d: only %d periodic checkpoint(s), nothing to average",
+                     self.cfg.train.average_last, len(paths))
+            return
+        averaged = average_checkpoints(paths, self.ckpt.folder / "averaged.pt")
+        self.model.load_state_dict(averaged["model"])
+        m = self.validate()
+        self.averaged = {"from_steps": [a["step"] for a in averaged["averaged_from"]], **m}
+        log.info("averaged checkpoint (steps %s): loss %.4f | BLEU %.2f chrF %.2f (last: BLEU %.2f); written to %s",
+                 ", ".join(map(str, self.averaged["from_steps"])), m["valid_loss"], m["valid_bleu"], m["valid_chrf"],
+                 self.last_valid.get("valid_bleu", float("nan")), self.ckpt.folder / "averaged.pt")
+
     def write_summary(self, reason: str, seconds: float, diverged: bool = False) -> dict:
-        """``summary.json``: how the run ended, read by ``scripts/lr.py report``/``diagnose``."""
+        """``summary.json``: how the run ended, read by ``scripts/lr.py report``/``diagnose`` (rank 0)."""
         summary = {"step": self.step, "epoch": self._epoch(), "stop_reason": reason, "diverged": diverged,
                    "best_metric": self.stopper.metric, "best": self.stopper.best, "best_step": self.stopper.best_step,
                    "skipped_steps": self.skipped, "updates_per_epoch": len(self.sampler) / self.cfg.train.accumulate,
                    "peak_lr": peak_lr(self.cfg.optim, self.cfg.model.d_model), "seconds": round(seconds, 1),
                    "train_seconds": round(self.budget.seconds, 1), "schedule_total_steps": self.opt.total_steps,
-                   "last_valid": self.last_valid, "averaged": self.averaged, "init_from": self.init_from}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+                   "world_size": self.dist.world, "last_valid": self.last_valid, "averaged": self.averaged,
+                   "init_from": self.init_from}
+        if self.dist.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         return summary
 
     def _finish(self, reason: str, seconds: float) -> dict:
         self.write_summary(reason, seconds)
         self.metrics.close()
-        log.info("training stopped at step %d (epoch %.2f) after %.0f s: %s", self.step, self._epoch(), seconds, reason)
-        if self.stopper.best is not None:
-            log.info("best %s %.4f at step %d; checkpoints in %s", self.stopper.metric, self.stopper.best,
-                     self.stopper.best_step, self.ckpt.folder)
+        if self.dist.main:
+            log.info("training stopped at step %d (epoch %.2f) after %.0f s: %s", self.step, self._epoch(), seconds,
+                     reason)
+            if self.stopper.best is not None:
+                log.info("best %s %.4f at step %d; checkpoints in %s", self.stopper.metric, self.stopper.best,
+                         self.stopper.best_step, self.ckpt.folder)
+        distributed.close(self.dist)
         return {"step": self.step, "stop_reason": reason, "best": self.stopper.best,
                 "best_step": self.stopper.best_step, "last_valid": self.last_valid}
 

@@ -73,7 +73,7 @@ def _batches(cfg, n: int):
 def _ours(cfg, tok, device: torch.device, amp, compile_model: bool) -> tuple[Callable, torch.nn.Module]:
     from nmt.model import Transformer
     from nmt.optim import build_optimizer
-    from nmt.step import accumulate_gradients
+    from nmt.step import train_step
     from nmt.tokenizer import PAD
 
     model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, PAD).to(device).train()
@@ -81,11 +81,9 @@ def _ours(cfg, tok, device: torch.device, amp, compile_model: bool) -> tuple[Cal
     forward = torch.compile(model, dynamic=True) if compile_model else model
     t = cfg.train
 
-    def update(batch) -> None:
-        opt.zero_grad()
-        accumulate_gradients(forward, [batch], device, amp, t.label_smoothing)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
-        opt.step()
+    def update(batch) -> None:               # the trainer's update, without its bookkeeping
+        train_step(model, forward, opt, [batch], device, amp, t.label_smoothing, t.clip_norm,
+                   sync=device.type != "cuda")
     return update, model
 
 

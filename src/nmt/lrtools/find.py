@@ -136,7 +136,7 @@ def range_test(cfg: Config, lo: float, hi: float, steps: int, beta: float = 0.9,
         opt.zero_grad(set_to_none=True)
         group = [collate([data.train_src[j] for j in idx], [data.train_tgt[j] for j in idx], idx)
                  for idx in (next(batches) for _ in range(t.accumulate))]
-        loss, _ = accumulate_gradients(model, group, device, amp, t.label_smoothing)
+        loss = float(accumulate_gradients(model, group, device, amp, t.label_smoothing)[0])
         # the same smoothing as stats.ema_smooth, one value at a time
         avg = beta * avg + (1 - beta) * loss
         smooth = avg / (1 - beta ** (i + 1))
