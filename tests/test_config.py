@@ -17,7 +17,7 @@ def compose_cfg(*overrides: str):
 def test_default_config_composes_and_validates():
     cfg = to_config(compose_cfg())
     assert isinstance(cfg, Config)
-    assert cfg.data.name == "bible-ko-en" and cfg.model.d_model == 256 and cfg.optim.name == "noam"
+    assert cfg.data.name == "bible-ko-en" and cfg.model.d_model == 256 and cfg.optim.name == "wsd"
 
 
 @pytest.mark.parametrize("preset,d_model,layers", [("tiny", 32, 2), ("small", 256, 4), ("base", 512, 6)])

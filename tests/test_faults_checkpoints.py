@@ -222,7 +222,7 @@ def test_save_writes_last_pt_after_the_other_files(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- non-finite
 @pytest.mark.slow
 def test_absurd_learning_rate_aborts_with_exit_3_and_no_nonfinite_checkpoint(run, data_root, tok_cache):
-    rc, out = run_train(run, data_root, tok_cache, "train.max_steps=30", "train.resume=true", "optim.factor=1e9",
+    rc, out = run_train(run, data_root, tok_cache, "train.max_steps=30", "train.resume=true", "optim.lr=1e9",
                         "train.save_every=1", "train.max_bad_steps=3")
     assert_clean_exit(rc, out, 3, "non-finite update skipped", "aborting: 3 non-finite updates in a row",
                       "train.max_bad_steps=3")
@@ -251,7 +251,7 @@ def test_weights_that_turn_nonfinite_are_never_saved(run, data_root, tok_cache, 
 
 @pytest.mark.slow
 def test_learning_rate_beyond_float32_is_an_abort_not_a_traceback(run, data_root, tok_cache):
-    cfg = compose_cfg(data_root, tok_cache, "train.max_steps=12", "train.resume=true", "optim.peak_lr=1e39")
+    cfg = compose_cfg(data_root, tok_cache, "train.max_steps=12", "train.resume=true", "optim.lr=1e39")
     with single_thread(), pytest.raises(TrainingError, match="optimizer update failed at step 9"):
         train(cfg, run)
     assert all_finite_on_disk(run / "checkpoints") == []

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(tmp: Path) -> list[str]:
-    return ["model=tiny", f"data.name={QUICK}", "tokenizer.vocab_size=800", "data.train_limit=300",
+    return ["model=tiny", "optim=noam", f"data.name={QUICK}", "tokenizer.vocab_size=800", "data.train_limit=300",
             "data.dev_limit=20", "train.max_tokens=500", "train.max_steps=20", "train.valid_every=5",
             "train.valid_every_epoch=false", "train.log_every=2", "train.early_stopping.patience=0",
             "valid.max_sentences=4", "train.progress=false", "optim.warmup_steps=10",
