@@ -20,6 +20,20 @@ def test_default_config_composes_and_validates():
     assert cfg.data.name == "bible-ko-en" and cfg.model.d_model == 256 and cfg.optim.name == "wsd"
 
 
+def test_a_schedule_chosen_on_the_command_line_keeps_its_own_defaults():
+    """The default recipe's LR settings live in conf/optim/wsd.yaml, not in config.yaml, where they
+    would silently apply to optim=noam too (warmup 300 with factor 1: a peak of 3.6e-3)."""
+    assert (lambda o: (o.lr, o.warmup_steps))(to_config(compose_cfg()).optim) == (2e-3, 300)
+    noam = to_config(compose_cfg("optim=noam")).optim
+    assert (noam.factor, noam.warmup_steps) == (1.0, 4000)
+
+
+@pytest.mark.parametrize("experiment,d_model,schedule", [("paper_base", 512, "noam"), ("gpu_base", 512, "wsd")])
+def test_experiment_recipes_compose(experiment, d_model, schedule):
+    cfg = to_config(compose_cfg(f"+experiment={experiment}"))
+    assert (cfg.model.d_model, cfg.optim.name) == (d_model, schedule)
+
+
 @pytest.mark.parametrize("preset,d_model,layers", [("tiny", 32, 2), ("small", 256, 4), ("base", 512, 6)])
 def test_model_presets(preset, d_model, layers):
     cfg = to_config(compose_cfg(f"model={preset}"))

@@ -89,3 +89,41 @@ def test_unknown_characters_of_the_new_data_are_reported(parent, make_cfg, tmp_p
     with caplog.at_level(logging.INFO):
         Trainer(cfg, tmp_path / "run")
     assert any("byte_fallback" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_data_mix_adds_a_fixed_sample_of_the_old_corpus(parent, make_cfg, tmp_path, caplog):
+    """data.mix: ratio * n pairs of the other corpus follow the n new ones, the same sample on every start;
+    the <unk> report is about the new data only."""
+    from nmt.data import prepare_data
+    from nmt.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_state(load_checkpoint(parent / "checkpoints" / "best.pt")["tokenizer"])
+    plain = prepare_data(make_cfg(*NEW), tok)
+    mixes = [prepare_data(make_cfg(*NEW, f"data.mix.name={QUICK}", "data.mix.ratio=0.5"), tok) for _ in range(2)]
+    n = len(plain.train_src)
+    old = prepare_data(make_cfg(f"data.name={QUICK}", "data.train_limit=0"), tok)
+    for mixed in mixes:
+        assert len(mixed.train_src) == len(mixed.train_tgt) == n + round(0.5 * n)
+        assert all((mixed.train_src[i] == plain.train_src[i]).all() for i in range(n))
+        assert list(mixed.train_src_lens[:n]) == list(plain.train_src_lens)
+        assert len(mixed.train_src_lens) == len(mixed.train_src)
+        olds = {tuple(old.train_src[i]) for i in range(len(old.train_src))}
+        assert all(tuple(mixed.train_src[i]) in olds for i in range(n, len(mixed.train_src)))
+    assert [tuple(t) for t in mixes[0].train_tgt[n:]] == [tuple(t) for t in mixes[1].train_tgt[n:]]
+    cfg = make_cfg(*NEW, f"train.init_from={parent}", "train.max_steps=2", "train.valid_every=2",
+                   f"data.mix.name={QUICK}", "data.mix.ratio=0.5")
+    with caplog.at_level(logging.INFO):
+        assert Trainer(cfg, tmp_path).run()["step"] == 2
+    assert any("data.mix:" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("data.mix.ratio=0.2",), "data.mix.ratio needs data.mix.name"),
+    ((f"data.mix.name={QUICK}", "data.mix.ratio=-1"), "data.mix.ratio must be >= 0"),
+    ((f"data.mix.name={QUICK}", "data.mix.ratio=0.2", f"data.name={QUICK}"), "data.mix.name is data.name"),
+])
+def test_bad_mix_settings_are_refused(make_cfg, overrides, message):
+    from nmt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(*overrides)

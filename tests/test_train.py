@@ -69,7 +69,7 @@ def test_resume_is_exact(make_cfg, tmp_path):
 
 
 def test_early_stopping_stops_and_says_why(make_cfg, tmp_path):
-    cfg = make_cfg("train.max_steps=100", "train.valid_every=3", "train.early_stopping.metric=valid_loss",
+    cfg = make_cfg("optim=noam", "train.max_steps=100", "train.valid_every=3", "train.early_stopping.metric=valid_loss",
                    "train.early_stopping.patience=2", "train.early_stopping.min_delta=100")
     summary = train(cfg, tmp_path)
     assert summary["step"] == 9 and summary["stop_reason"].startswith("early stopping")
@@ -86,6 +86,28 @@ def test_epoch_limit_and_epoch_validation(make_cfg, tmp_path):
     assert "max_epochs" in summary["stop_reason"]
     rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r["valid_loss"] is not None]
     assert len(rows) == 1 and rows[0]["epoch"] == pytest.approx(1.0)
+
+
+def test_early_stopping_under_wsd_decays_first_and_resume_finishes_the_decay(make_cfg, tmp_path):
+    """At full LR, early stopping starts the wsd decay instead of stopping; the run ends when the LR
+    reaches 0, and a run resumed inside that decay finishes it rather than stopping at once."""
+    from nmt.schedules import wsd_decay_start
+
+    common = ("optim=wsd", "optim.lr=2e-3", "optim.warmup_steps=4", "optim.decay_fraction=0.2", "train.max_steps=200",
+              "train.valid_every=8", "train.log_every=1", "train.keep_last=10", "train.early_stopping.metric=valid_loss",
+              "train.early_stopping.patience=1", "train.early_stopping.min_delta=100")
+    summary = train(make_cfg(*common), tmp_path / "full")
+    total = summary["step"]
+    assert total == 20 and "decay began when early stopping" in summary["stop_reason"]     # 16 / (1 - 0.2)
+    assert wsd_decay_start(total, 0.2, 4) == 16
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["schedule_total_steps"] == total
+    lrs = {int(r["step"]): r["lr"] for r in read_metrics(tmp_path / "full" / "metrics.csv") if r["loss"] is not None}
+    assert lrs[16] == pytest.approx(2e-3) and lrs[18] < 2e-3 and lrs[20] == pytest.approx(0.0, abs=1e-12)
+    resumed = train(make_cfg(*common, f"train.resume={tmp_path / 'full' / 'checkpoints' / 'step-16.pt'}"),
+                    tmp_path / "again")
+    assert resumed["step"] == total and resumed["stop_reason"] == summary["stop_reason"]
+    a, b = params(tmp_path / "full" / "checkpoints" / "last.pt"), params(tmp_path / "again" / "checkpoints" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_wsd_under_a_time_budget_fixes_its_end_and_every_lr_is_recomputable(make_cfg, tmp_path, monkeypatch):

@@ -35,6 +35,13 @@ class DownloadConfig:
 
 
 @dataclass
+class MixConfig:
+    """Pairs of another corpus mixed into the training split (fine-tuning: against forgetting)."""
+    name: Optional[str] = None         # corpus folder inside data.root (e.g. the corpus the model was trained on)
+    ratio: float = 0.0                 # pairs of it per training pair of data.name (0.25 = a fifth of the mixture)
+
+
+@dataclass
 class DataConfig:
     name: str = "bible-ko-en"          # corpus folder inside ``root``
     root: str = "data"                 # folder that holds corpora (conf: ${oc.env:NMT_DATA_DIR,data})
@@ -51,6 +58,7 @@ class DataConfig:
     max_ratio: float = 4.0             # drop pairs whose token-length ratio exceeds this (0 = off)
     cache_dir: Optional[str] = None    # token cache of the training split (null: tokens/ beside tokenizer.cache_dir)
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
 
 
 @dataclass
@@ -307,6 +315,10 @@ def validate(cfg: Config) -> Config:
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(cfg.data.max_len >= cfg.data.min_len >= 0, "data.max_len must be >= data.min_len >= 0")
     _require(cfg.data.max_ratio >= 0, "data.max_ratio must be >= 0 (0 turns the ratio filter off)")
+    m = cfg.data.mix
+    _require(m.ratio >= 0, f"data.mix.ratio must be >= 0, got {m.ratio}")
+    _require(not m.ratio or m.name, "data.mix.ratio needs data.mix.name (the corpus to mix in)")
+    _require(not m.name or m.name != cfg.data.name, f"data.mix.name is data.name ({m.name}); name another corpus")
     validate_optim(o)
     validate_decode(cfg.valid.decode, "valid.decode")
     validate_decode(cfg.decode, "decode")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from nmt.config import Config
+from nmt.config import Config, MixConfig
 from nmt.corpus import find_split, iter_parallel, load_split
 from nmt.tokcache import cached_split
 from nmt.tokenizer import EOS, Tokenizer, cache_key_of_pairs, load_cached, train_and_cache
@@ -44,6 +44,27 @@ class PreparedData:
     def train_tgt_lens(self) -> np.ndarray:
         """Target lengths including the added BOS (tgt_in) / EOS (tgt_out)."""
         return _lengths(self.train_tgt) + 1
+
+
+class Mixture(Sequence):
+    """One side of the training split followed by a fixed sample of another corpus's pairs (data.mix)."""
+
+    def __init__(self, primary: Sequence, extra: Sequence, picks: np.ndarray) -> None:
+        self.primary, self.extra, self.picks = primary, extra, picks
+
+    def __len__(self) -> int:
+        return len(self.primary) + len(self.picks)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self.primary)
+        if i < 0:
+            i += len(self)
+        return self.primary[i] if i < n else self.extra[int(self.picks[i - n])]
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([_lengths(self.primary), _lengths(self.extra)[self.picks]])
 
 
 def _lengths(seqs: Sequence) -> np.ndarray:
@@ -89,6 +110,24 @@ def sample_pairs(pairs: Iterable[tuple[str, str]], k: int, seed: int = 1) -> tup
     return sample, n
 
 
+def mix_in(cfg: Config, tokenizer: Tokenizer, src: Sequence, tgt: Sequence) -> tuple[Mixture, Mixture]:
+    """``src``/``tgt`` followed by ``data.mix.ratio * len(src)`` pairs of corpus ``data.mix.name``'s
+    training split (same tokenizer, filters and token cache), a sample fixed by ``train.seed``:
+    without replacement while that corpus has enough pairs, with replacement beyond."""
+    d = cfg.data
+    other = replace(d, name=d.mix.name, train_limit=0, mix=MixConfig())
+    split = cached_split(find_split(other, "train"), tokenizer, other, cfg.model.max_positions, token_cache_dir(cfg),
+                         cfg.train.progress)
+    if len(split.src) == 0:
+        raise ValueError(f"data.mix: every training pair of {other.name} was filtered out ({split.counts})")
+    k = max(1, round(d.mix.ratio * len(src)))
+    rng = np.random.default_rng(cfg.train.seed)
+    picks = rng.choice(len(split.src), size=k, replace=k > len(split.src)).astype(np.int64)
+    log.info("data.mix: %s pairs of %s (of %s) mixed into %s training pairs of %s: %.1f%% of the mixture",
+             f"{k:,}", other.name, f"{len(split.src):,}", f"{len(src):,}", d.name, 100 * k / (k + len(src)))
+    return Mixture(src, split.src, picks), Mixture(tgt, split.tgt, picks)
+
+
 def truncate(ids: list[list[int]], limit: int, name: str, keep_last: Optional[int] = None) -> list[list[int]]:
     """Cut sequences to ``limit`` tokens (keeping a final ``keep_last`` id, e.g. EOS); warn with the count."""
     out, n = [], 0
@@ -120,13 +159,16 @@ def prepare_data(cfg: Config, tokenizer: Optional[Tokenizer] = None) -> Prepared
                          "relax data.max_len/max_ratio")
     log.info("train: %s pairs, %s source and %s target tokens", f"{len(split.src):,}", f"{len(split.src.data):,}",
              f"{len(split.tgt.data):,}")
+    train_src, train_tgt = split.src, split.tgt
+    if d.mix.ratio > 0:
+        train_src, train_tgt = mix_in(cfg, tokenizer, split.src, split.tgt)
     limit = cfg.model.max_positions - 1
     dev_src_text = [s for s, _ in dev_pairs]
     dev_ref_text = [t for _, t in dev_pairs]
     return PreparedData(
         tokenizer=tokenizer,
-        train_src=split.src,
-        train_tgt=split.tgt,
+        train_src=train_src,
+        train_tgt=train_tgt,
         dev_src=truncate(tokenizer.encode_src(dev_src_text), limit, "dev source", EOS),
         dev_tgt=truncate(tokenizer.encode_tgt(dev_ref_text), limit - 1, "dev target"),
         dev_src_text=dev_src_text,

@@ -36,6 +36,7 @@ from nmt.model import Transformer
 from nmt.optim import ScheduledOptimizer, build_optimizer, describe_schedule, peak_lr, warmup_end
 from nmt.runtime import (StopSignal, autocast_dtype, configure_backends, rng_state, seed_everything,
                          select_device, set_rng_state)
+from nmt.schedules import wsd_decay_start
 from nmt.startup import find_init, find_resume
 from nmt.step import train_step
 from nmt.tokenizer import PAD, Tokenizer
@@ -75,7 +76,8 @@ class Trainer:
             self.data: PreparedData = prepare_data(cfg, Tokenizer.from_state(start["tokenizer"]) if start else None)
         self.tok = self.data.tokenizer
         if init:
-            report_unknowns(self.data.train_src, self.data.train_tgt, inherited=True)
+            src, tgt = self.data.train_src, self.data.train_tgt      # the new corpus, without data.mix's pairs
+            report_unknowns(getattr(src, "primary", src), getattr(tgt, "primary", tgt), inherited=True)
         self.sampler = TokenBatchSampler(self.data.train_src_lens, self.data.train_tgt_lens, t.max_tokens,
                                          seed=t.seed, bucket_size=t.bucket_size, rank=self.dist.rank,
                                          world=self.dist.world)
@@ -136,7 +138,7 @@ class Trainer:
         set_rng_state(ranks[self.dist.rank % len(ranks)])
         self.step = obj["step"]
         self.budget.load_state_dict(obj.get("budget", {}))
-        if self.timed_end and self.budget.fixed_total:
+        if self.budget.fixed_total:                 # a wsd decay already scheduled (time budget or cool-down)
             self.opt.total_steps = self.budget.fixed_total
         self.skipped = obj.get("skipped_steps", 0)
         self.last_valid = dict(obj.get("metrics", {}))
@@ -230,10 +232,35 @@ class Trainer:
         return self._schedule_end_reason()
 
     def _schedule_end_reason(self) -> Optional[str]:
-        if self.timed_end and self.budget.fixed_total and self.step >= self.budget.fixed_total:
-            return (f"reached the end of the {self.cfg.optim.name} schedule at step {self.step} "
-                    f"(estimated from train.max_minutes={self.cfg.train.max_minutes:g})")
+        if self.budget.fixed_total and self.step >= self.budget.fixed_total:
+            why = (f"estimated from train.max_minutes={self.cfg.train.max_minutes:g}" if self.timed_end else
+                   f"its decay began when early stopping found no improvement, best at step {self.stopper.best_step}")
+            return f"reached the end of the {self.cfg.optim.name} schedule at step {self.step} ({why})"
         return None
+
+    def _cool_down(self) -> bool:
+        """Under wsd, early stopping at full LR starts the decay instead of stopping: a model stopped at
+        a high LR is far from what its run can give (the decay is where wsd gains most). The run then
+        ends after a decay of optim.decay_fraction of its new length. Early stopping does not cut a
+        decay short. False when the decay has begun anyway (then the stop goes ahead)."""
+        o = self.cfg.optim
+        if o.name != "wsd":
+            return False
+        if self.budget.fixed_total:                 # decaying already: let the decay finish
+            return self.step < self.budget.fixed_total
+        if self.opt.total_steps and self.opt.total_steps != UNKNOWN_END and \
+                self.step >= wsd_decay_start(self.opt.total_steps, o.decay_fraction, o.warmup_steps):
+            return False
+        total = max(self.step + 1, math.ceil(self.step / (1 - o.decay_fraction)))
+        while wsd_decay_start(total, o.decay_fraction, o.warmup_steps) < self.step:
+            total += 1
+        if self.total_steps:
+            total = min(total, self.total_steps)
+        self.budget.fixed_total = self.opt.total_steps = total
+        log.info("early stopping: %s did not improve for %d validations at full LR (best %.4f at step %d); the "
+                 "wsd decay starts now and training ends after it, at step %d", self.stopper.metric,
+                 self.stopper.patience, self.stopper.best, self.stopper.best_step, total)
+        return True
 
     def _already_done(self) -> Optional[str]:
         t = self.cfg.train
@@ -243,7 +270,8 @@ class Trainer:
             return f"reached train.max_epochs={t.max_epochs}"
         if self.budget.expired():
             return f"reached train.max_minutes={t.max_minutes:g}"
-        return self._schedule_end_reason() or self._early_stop_reason()
+        decaying = self.cfg.optim.name == "wsd" and self.budget.fixed_total and self.step < self.budget.fixed_total
+        return self._schedule_end_reason() or (None if decaying else self._early_stop_reason())
 
     def _early_stop_reason(self) -> Optional[str]:
         if not self.stopper.should_stop:
@@ -366,8 +394,11 @@ class Trainer:
                         "learning only an English language model; distinct outputs %.0f%%). This often means the peak "
                         "LR is too high for this model: try a lower optim.factor / optim.peak_lr or a longer warmup.",
                         m["valid_src_gain"], 100 * m["valid_distinct"])
+        reason = None if final else self._early_stop_reason()
+        if reason and self._cool_down():
+            reason = None
         self._save(best=improved, periodic=True)
-        return None if final else self._early_stop_reason()
+        return reason
 
     def _save(self, best: bool = False, periodic: bool = False) -> None:
         """Checkpoint (rank 0 writes; every rank contributes its random state)."""
