@@ -140,8 +140,8 @@ class TokenBatchSampler:
             raise ValueError(f"{len(src_lens)} source lengths but {len(tgt_lens)} target lengths")
         if max_tokens <= 0 or bucket_size <= 0:
             raise ValueError(f"max_tokens ({max_tokens}) and bucket_size ({bucket_size}) must be > 0")
-        src = np.asarray(src_lens, dtype=np.int64).reshape(-1)
-        tgt = np.asarray(tgt_lens, dtype=np.int64).reshape(-1)
+        src = np.ascontiguousarray(src_lens, dtype=np.int64).reshape(-1)
+        tgt = np.ascontiguousarray(tgt_lens, dtype=np.int64).reshape(-1)
         self._len = np.maximum(src, tgt)           # what a pair costs per batch row
         self.max_tokens, self.seed, self.bucket_size, self.shuffle = int(max_tokens), int(seed), int(bucket_size), bool(shuffle)
         if not 0 <= rank < world:
@@ -150,7 +150,7 @@ class TokenBatchSampler:
         avg_batch = max(1, self.max_tokens // max(1, int(self._len.mean()))) if len(self._len) else 1
         self.pool_size = self.bucket_size * avg_batch
         self._fingerprint = {
-            "n": len(self._len), "lengths_crc": zlib.crc32(src.tobytes() + tgt.tobytes()),
+            "n": len(self._len), "lengths_crc": zlib.crc32(tgt, zlib.crc32(src)),   # no copies
             "seed": self.seed, "max_tokens": self.max_tokens, "bucket_size": self.bucket_size, "shuffle": self.shuffle,
             "world": self.world,      # not the rank: every rank is at the same position, rank 0's state is saved
         }
