@@ -3,7 +3,8 @@
 
     python scripts/train.py                                   # small model, embedded bible corpus
     python scripts/train.py model=tiny data=tatoeba_ko_en train.max_steps=200
-    python scripts/train.py -m optim.factor=0.5,1,2           # a sweep, one run directory each
+    python scripts/train.py train.max_minutes=40              # the default recipe, decaying to 0 at 40 minutes
+    python scripts/train.py -m optim.lr=1e-3,2e-3,4e-3         # a sweep, one run directory each
 
 Every key of conf/ can be overridden; see the README.
 """

@@ -31,6 +31,7 @@ from nmt.data import PreparedData, prepare_data
 from nmt.early_stopping import EarlyStopping
 from nmt.evaluate import blind_sources, make_batches, validate
 from nmt.finetune import report_unknowns
+from nmt.lrtools.lrcheck import lower_lr_advice
 from nmt.metrics import MetricsLogger
 from nmt.model import Transformer
 from nmt.optim import ScheduledOptimizer, build_optimizer, describe_schedule, peak_lr, warmup_end
@@ -392,8 +393,8 @@ class Trainer:
                 m["valid_src_gain"] < self.cfg.train.src_gain_warn:
             log.warning("src_gain %.3f nats/token after warmup: the model barely uses its source sentence (it may be "
                         "learning only an English language model; distinct outputs %.0f%%). This often means the peak "
-                        "LR is too high for this model: try a lower optim.factor / optim.peak_lr or a longer warmup.",
-                        m["valid_src_gain"], 100 * m["valid_distinct"])
+                        "LR is too high for this model (%s) or the warmup too short.",
+                        m["valid_src_gain"], 100 * m["valid_distinct"], lower_lr_advice(self.cfg))
         reason = None if final else self._early_stop_reason()
         if reason and self._cool_down():
             reason = None

@@ -117,8 +117,10 @@ def diagnose(run: Run, th: Thresholds = Thresholds()) -> Diagnosis:
     still = None
     if best is not None and valid and int(best["step"]) == int(valid[-1]["step"]) and len(valid) > 1 \
             and not run.summary.get("diverged"):
+        timed = "max_minutes" in str(run.summary.get("stop_reason", ""))
         still = Finding("still_improving", "note", "the best validation is the last one: training stopped while "
-                        "still improving", recommendations=["train longer (raise train.max_steps / train.max_epochs)"])
+                        "still improving", recommendations=["train longer (raise train.max_minutes)" if timed else
+                                                            "train longer (raise train.max_steps / train.max_epochs)"])
     d.findings = checks.collect([
         checks.source_ignored(valid, warmup, cfg, peak, th),
         checks.divergence(train, valid, run.summary, cfg),

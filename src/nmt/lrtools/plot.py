@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,6 @@ def plot(path: Path, lrs: Sequence[float], facts: ScheduleFacts, title: str = ""
     ax.set_xlim(0, n)
     ax.set_ylim(bottom=0)
     ax.yaxis.set_major_formatter(lambda y, _: f"{y:.1e}" if y else "0")
-    ax.set_title(title or facts.description, fontsize=9)
+    ax.set_title(textwrap.fill(title or facts.description, 110), fontsize=9)   # long descriptions wrap
     ax.legend(loc="upper right", fontsize=8)
     return save(fig, path)
