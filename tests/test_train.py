@@ -110,6 +110,30 @@ def test_early_stopping_under_wsd_decays_first_and_resume_finishes_the_decay(mak
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_decay_that_runs_slower_than_planned_may_finish_a_little_past_the_budget(make_cfg, tmp_path, monkeypatch):
+    """The decay's end is fixed from the update rate before it; if the decay then runs slower, the run
+    may go on past train.max_minutes, by at most DECAY_GRACE of the budget, until the LR reaches 0.
+    Outside a decay the budget is exact."""
+    from nmt import budget
+    from nmt.train import DECAY_GRACE, Trainer
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(budget, "now", lambda: clock["t"])
+    cfg = make_cfg("optim=wsd", "optim.warmup_steps=5", "train.max_steps=0", "train.max_epochs=0",
+                   "train.max_minutes=1")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.budget.start(0)
+    trainer.step = 90
+    clock["t"] = 60.5                                   # the budget is spent ...
+    assert trainer._time_up()                           # ... and no decay has begun
+    trainer.budget.fixed_total = 100                    # a decay to step 100 has begun
+    assert not trainer._time_up()
+    clock["t"] = 60 * (1 + DECAY_GRACE) + 0.1           # ... but the grace is spent too
+    assert trainer._time_up()
+    clock["t"], trainer.step = 60.5, 100                # the decay has ended
+    assert trainer._time_up() and "end of the wsd schedule" in trainer._schedule_end_reason()
+
+
 def test_wsd_under_a_time_budget_fixes_its_end_and_every_lr_is_recomputable(make_cfg, tmp_path, monkeypatch):
     from nmt import budget
     from nmt.lrtools.lrcheck import check_logged_lr
@@ -119,7 +143,7 @@ def test_wsd_under_a_time_budget_fixes_its_end_and_every_lr_is_recomputable(make
     monkeypatch.setattr(budget, "now", lambda: 0.02 * next(ticks))
 
     cfg = make_cfg("optim=wsd", "optim.lr=3e-3", "optim.warmup_steps=5", "optim.decay_fraction=0.5",
-                   "train.max_steps=0", "train.max_epochs=0", "train.max_minutes=0.08", "train.log_every=1")
+                   "train.max_steps=0", "train.max_epochs=0", "train.max_minutes=0.3", "train.log_every=1")
     summary = train(cfg, tmp_path)
     run = load_run(tmp_path)
     total = run.summary["schedule_total_steps"]

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # the provisional end of a schedule whose end the time budget sets: far enough to keep any decay away
 UNKNOWN_END = 10 ** 12
+# how far past train.max_minutes a decay that has begun may run to reach its end (a share of the budget)
+DECAY_GRACE = 0.05
 
 
 class TrainingError(Exception):
@@ -218,7 +220,7 @@ class Trainer:
             if self.timed_end and self.dist.main else (None, False)
         received = int(getattr(signal, stop.received)) if stop.received else 0     # the signal's number
         received, expired, total, fixed = self.dist.agree(
-            [received, self.dist.main and self.budget.expired(), total or 0, fixed], self.device)
+            [received, self.dist.main and self._time_up(), total or 0, fixed], self.device)
         if self.timed_end and total:
             self.opt.total_steps = int(total)
             if fixed and not self.budget.fixed_total:
@@ -231,6 +233,15 @@ class Trainer:
         if expired:
             return f"reached train.max_minutes={self.cfg.train.max_minutes:g}"
         return self._schedule_end_reason()
+
+    def _time_up(self) -> bool:
+        """The time budget is spent. A decay that the budget placed and that has begun may run up to
+        DECAY_GRACE past it to reach its end: the end was estimated from the update rate before the
+        decay, and a slower finish would otherwise leave the LR well above zero."""
+        if not self.budget.expired():
+            return False
+        decaying = self.timed_end and self.budget.fixed_total and self.step < self.budget.fixed_total
+        return not (decaying and self.budget.seconds < 60 * self.cfg.train.max_minutes * (1 + DECAY_GRACE))
 
     def _schedule_end_reason(self) -> Optional[str]:
         if self.budget.fixed_total and self.step >= self.budget.fixed_total:
@@ -269,7 +280,7 @@ class Trainer:
             return f"reached train.max_steps={t.max_steps}"
         if t.max_epochs and self.sampler.epoch >= t.max_epochs:
             return f"reached train.max_epochs={t.max_epochs}"
-        if self.budget.expired():
+        if self._time_up():
             return f"reached train.max_minutes={t.max_minutes:g}"
         decaying = self.cfg.optim.name == "wsd" and self.budget.fixed_total and self.step < self.budget.fixed_total
         return self._schedule_end_reason() or (None if decaying else self._early_stop_reason())
