@@ -87,21 +87,24 @@ TINY = ("model=tiny", f"data.name={QUICK}", "data.train_limit=600", "data.dev_li
         "train.valid_every_epoch=false")
 
 
-@pytest.fixture
-def make_cfg(data_root, tok_cache):
-    """Compose the real Hydra config with the TINY settings plus ``overrides``; returns a validated Config."""
+def tiny_config(data_root: Path, tok_cache: Path, *overrides: str):
+    """The real Hydra config composed with the TINY settings plus ``overrides``, validated (for
+    module-scoped fixtures, which cannot use ``make_cfg``)."""
     from hydra import compose, initialize_config_dir
 
     from nmt.config import conf_dir, register_configs, to_config
 
     register_configs()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        dcfg = compose("config", overrides=[*TINY, f"data.root={data_root}", f"tokenizer.cache_dir={tok_cache}",
+                                            *overrides])
+    return to_config(dcfg)
 
-    def make(*overrides: str):
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            dcfg = compose("config", overrides=[*TINY, f"data.root={data_root}",
-                                                f"tokenizer.cache_dir={tok_cache}", *overrides])
-        return to_config(dcfg)
-    return make
+
+@pytest.fixture
+def make_cfg(data_root, tok_cache):
+    """Compose the real Hydra config with the TINY settings plus ``overrides``; returns a validated Config."""
+    return lambda *overrides: tiny_config(data_root, tok_cache, *overrides)
 
 
 @pytest.fixture(scope="module")

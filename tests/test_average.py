@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import tiny_config
 from nmt.average import average_checkpoints, average_state_dicts, main
 from nmt.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_for_inference
 from nmt.train import train
@@ -17,16 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_root, tok_cache):
     """A tiny run with validations (and step-N.pt) at steps 2, 4 and 6 and averaged.pt of the three."""
-    from hydra import compose, initialize_config_dir
-
-    from conftest import TINY
-    from nmt.config import conf_dir, register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=[*TINY, f"data.root={data_root}", f"tokenizer.cache_dir={tok_cache}",
-                                                     "train.max_steps=6", "train.valid_every=2", "train.keep_last=1",
-                                                     "train.average_last=3"]))
+    cfg = tiny_config(data_root, tok_cache, "train.max_steps=6", "train.valid_every=2", "train.keep_last=1",
+                      "train.average_last=3")
     out = tmp_path_factory.mktemp("run")
     summary = train(cfg, out)
     return out, summary

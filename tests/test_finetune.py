@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import QUICK
+from conftest import QUICK, tiny_config
 from nmt.checkpoint import CheckpointError, load_checkpoint, load_for_inference
 from nmt.train import Trainer, train
 
@@ -18,15 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, data_root, tok_cache):
     """A tiny model trained 6 steps on the quick corpus."""
-    from hydra import compose, initialize_config_dir
-
-    from conftest import TINY
-    from nmt.config import conf_dir, register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=[*TINY, f"data.root={data_root}", f"tokenizer.cache_dir={tok_cache}",
-                                                     "train.max_steps=6", "train.valid_every=6"]))
+    cfg = tiny_config(data_root, tok_cache, "train.max_steps=6", "train.valid_every=6")
     out = tmp_path_factory.mktemp("parent")
     train(cfg, out)
     return out

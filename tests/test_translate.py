@@ -37,18 +37,11 @@ def run_dir(data_root, tok_cache, tmp_path_factory, one_thread) -> Path:
     order mix-ups; its weights are redrawn at a larger scale (a random but 'lively'
     model) so that outputs differ between inputs and repeat themselves, and saved back.
     """
-    from hydra import compose, initialize_config_dir
-
-    from conftest import TINY
-    from nmt.config import conf_dir, register_configs, to_config
+    from conftest import tiny_config
     from nmt.train import train
 
-    register_configs()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        dcfg = compose("config", overrides=[*TINY, f"data.root={data_root}", f"tokenizer.cache_dir={tok_cache}",
-                                            "train.max_steps=2", "train.valid_every=2", "valid.max_sentences=2"])
     out = tmp_path_factory.mktemp("run")
-    train(to_config(dcfg), out)
+    train(tiny_config(data_root, tok_cache, "train.max_steps=2", "train.valid_every=2", "valid.max_sentences=2"), out)
     best = out / "checkpoints" / "best.pt"
     obj = load_checkpoint(best)
     g = torch.Generator().manual_seed(0)
