@@ -19,7 +19,7 @@ import time
 from typing import Optional
 
 from nmt.config import OptimConfig
-from nmt.schedules import wsd_decay_start
+from nmt.schedules import wsd_decay_start, wsd_end_not_before
 
 
 def now() -> float:
@@ -87,6 +87,4 @@ def schedule_end(budget: TimeBudget, step: int, step_limit: int, o: OptimConfig)
     total = max(total, o.warmup_steps + 1)         # a budget shorter than the warmup decays right after it
     if step < wsd_decay_start(total, o.decay_fraction, o.warmup_steps):
         return total, False
-    while wsd_decay_start(total, o.decay_fraction, o.warmup_steps) < step:
-        total += max(1, step - wsd_decay_start(total, o.decay_fraction, o.warmup_steps))
-    return total, True
+    return wsd_end_not_before(total, step, o.decay_fraction, o.warmup_steps), True

@@ -119,6 +119,15 @@ def wsd_decay_start(total_steps: int, decay_fraction: float, warmup: int) -> int
     return max(int(warmup), int(total_steps) - round(decay_fraction * total_steps))
 
 
+def wsd_end_not_before(total_steps: int, step: int, decay_fraction: float, warmup: int) -> int:
+    """``total_steps``, or the end found by moving it up, whose decay starts at ``step`` at the earliest:
+    a decay fixed at ``step`` must not reach back over steps already taken at full LR."""
+    total = int(total_steps)
+    while wsd_decay_start(total, decay_fraction, warmup) < step:
+        total += max(1, step - wsd_decay_start(total, decay_fraction, warmup))
+    return total
+
+
 def wsd(step: int, lr: float, warmup: int, total_steps: int, decay_fraction: float = 0.2,
         shape: str = "linear", min_lr_ratio: float = 0.0, warmup_init_lr: float = 0.0) -> float:
     """Warmup-stable-decay: linear warmup to ``lr``, ``lr`` until the last ``decay_fraction`` of

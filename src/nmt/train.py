@@ -37,7 +37,7 @@ from nmt.model import Transformer
 from nmt.optim import ScheduledOptimizer, build_optimizer, describe_schedule, peak_lr, warmup_end
 from nmt.runtime import (StopSignal, autocast_dtype, configure_backends, rng_state, seed_everything,
                          select_device, set_rng_state)
-from nmt.schedules import wsd_decay_start
+from nmt.schedules import wsd_decay_start, wsd_end_not_before
 from nmt.startup import find_init, find_resume
 from nmt.step import train_step
 from nmt.tokenizer import PAD, Tokenizer
@@ -234,14 +234,19 @@ class Trainer:
             return f"reached train.max_minutes={self.cfg.train.max_minutes:g}"
         return self._schedule_end_reason()
 
+    @property
+    def _decaying(self) -> bool:
+        """A wsd decay with a fixed end (placed by the time budget or by early stopping) is under way."""
+        return self.cfg.optim.name == "wsd" and bool(self.budget.fixed_total) and self.step < self.budget.fixed_total
+
     def _time_up(self) -> bool:
         """The time budget is spent. A decay that the budget placed and that has begun may run up to
         DECAY_GRACE past it to reach its end: the end was estimated from the update rate before the
         decay, and a slower finish would otherwise leave the LR well above zero."""
         if not self.budget.expired():
             return False
-        decaying = self.timed_end and self.budget.fixed_total and self.step < self.budget.fixed_total
-        return not (decaying and self.budget.seconds < 60 * self.cfg.train.max_minutes * (1 + DECAY_GRACE))
+        grace = self.timed_end and self._decaying
+        return not (grace and self.budget.seconds < 60 * self.cfg.train.max_minutes * (1 + DECAY_GRACE))
 
     def _schedule_end_reason(self) -> Optional[str]:
         if self.budget.fixed_total and self.step >= self.budget.fixed_total:
@@ -259,13 +264,12 @@ class Trainer:
         if o.name != "wsd":
             return False
         if self.budget.fixed_total:                 # decaying already: let the decay finish
-            return self.step < self.budget.fixed_total
+            return self._decaying
         if self.opt.total_steps and self.opt.total_steps != UNKNOWN_END and \
                 self.step >= wsd_decay_start(self.opt.total_steps, o.decay_fraction, o.warmup_steps):
             return False
-        total = max(self.step + 1, math.ceil(self.step / (1 - o.decay_fraction)))
-        while wsd_decay_start(total, o.decay_fraction, o.warmup_steps) < self.step:
-            total += 1
+        total = wsd_end_not_before(max(self.step + 1, math.ceil(self.step / (1 - o.decay_fraction))), self.step,
+                                   o.decay_fraction, o.warmup_steps)
         if self.total_steps:
             total = min(total, self.total_steps)
         self.budget.fixed_total = self.opt.total_steps = total
@@ -282,8 +286,7 @@ class Trainer:
             return f"reached train.max_epochs={t.max_epochs}"
         if self._time_up():
             return f"reached train.max_minutes={t.max_minutes:g}"
-        decaying = self.cfg.optim.name == "wsd" and self.budget.fixed_total and self.step < self.budget.fixed_total
-        return self._schedule_end_reason() or (None if decaying else self._early_stop_reason())
+        return self._schedule_end_reason() or (None if self._decaying else self._early_stop_reason())
 
     def _early_stop_reason(self) -> Optional[str]:
         if not self.stopper.should_stop:
