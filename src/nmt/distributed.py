@@ -57,13 +57,17 @@ class Dist:
         """DDP's no_sync() for all but the last micro-batch of an accumulated update."""
         return model.no_sync() if self.enabled and not last else contextlib.nullcontext()
 
-    def sum(self, values: Sequence[float], device: torch.device) -> list[float]:
-        """Element-wise sums over ranks (float64)."""
+    def _reduce(self, values: Sequence[float], device: torch.device, op: str) -> list[float]:
+        """Element-wise reduction over ranks (float64) with ``ReduceOp.<op>``."""
         if not self.enabled:
             return [float(v) for v in values]
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
+
+    def sum(self, values: Sequence[float], device: torch.device) -> list[float]:
+        """Element-wise sums over ranks (float64)."""
+        return self._reduce(values, device, "SUM")
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of a device tensor over ranks, without reading it back to the host."""
@@ -80,11 +84,7 @@ class Dist:
 
     def agree(self, values: Sequence[float], device: torch.device) -> list[float]:
         """Element-wise maxima over ranks: a flag raised by any rank is raised for all."""
-        if not self.enabled:
-            return [float(v) for v in values]
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.tolist()
+        return self._reduce(values, device, "MAX")
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (picklable builtins)."""
