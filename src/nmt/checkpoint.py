@@ -216,16 +216,17 @@ def load_resume_checkpoint(path: Path) -> tuple[dict, Path]:
     raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
 
 
+def setting_diffs(saved: Config, current: Config, group: str) -> list[str]:
+    """``group.key: checkpoint A, now B`` for each setting of ``group`` that differs, leaving out what may
+    change between runs of one model (dropouts, cache folders)."""
+    a, b = getattr(saved, group), getattr(current, group)
+    return [f"{group}.{key}: checkpoint {getattr(a, key)!r}, now {getattr(b, key)!r}" for key in vars(a)
+            if key != "cache_dir" and key not in DROPOUT_KEYS and getattr(a, key) != getattr(b, key)]
+
+
 def check_compatible(saved: Config, current: Config, path: Path) -> None:
     """Refuse to resume when the model shape or tokenizer settings differ."""
-    diffs = []
-    for group in ("model", "tokenizer"):
-        a, b = getattr(saved, group), getattr(current, group)
-        for key in vars(a):
-            if key == "cache_dir" or key in DROPOUT_KEYS:
-                continue
-            if getattr(a, key) != getattr(b, key):
-                diffs.append(f"{group}.{key}: checkpoint {getattr(a, key)!r}, now {getattr(b, key)!r}")
+    diffs = setting_diffs(saved, current, "model") + setting_diffs(saved, current, "tokenizer")
     for key in ("name", "src_lang", "tgt_lang"):
         if getattr(saved.data, key) != getattr(current.data, key):
             diffs.append(f"data.{key}: checkpoint {getattr(saved.data, key)!r}, now {getattr(current.data, key)!r}")

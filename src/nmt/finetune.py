@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from nmt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path
-from nmt.config import DROPOUT_KEYS, Config, TokenizerConfig, from_dict
+from nmt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path, setting_diffs
+from nmt.config import Config, TokenizerConfig, from_dict
 from nmt.tokenizer import UNK
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,7 @@ def load_init(cfg: Config) -> tuple[dict, Path]:
     against the current model settings; raises CheckpointError naming every differing setting."""
     path = resolve_checkpoint_path(Path(str(cfg.train.init_from)).expanduser())
     obj = load_checkpoint(path)
-    saved = from_dict(obj["config"])
-    diffs = [f"model.{f.name}: checkpoint {getattr(saved.model, f.name)!r}, now {getattr(cfg.model, f.name)!r}"
-             for f in dataclasses.fields(cfg.model)
-             if f.name not in DROPOUT_KEYS and getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+    diffs = setting_diffs(from_dict(obj["config"]), cfg, "model")
     if diffs:
         raise CheckpointError(f"cannot start from {path}: the model differs ({'; '.join(diffs)}); fine-tuning keeps "
                               "the checkpoint's model, so pass the same model settings (dropouts may change)")
