@@ -138,5 +138,8 @@ def init(device_name: str) -> Dist:
 
 
 def close(d: Dist) -> None:
+    """Leave the process group together: a rank that tears its gloo connections down while another is
+    still using them can abort ("terminate called without an active exception")."""
     if d.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
