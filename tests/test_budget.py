@@ -33,6 +33,19 @@ def test_estimate_is_steps_done_plus_time_left_at_the_measured_rate(clock):
     assert b.expired() and b.estimate_total(120) == 120
 
 
+def test_expected_end_follows_the_estimate_within_the_step_limit(clock):
+    """What the progress bar shows as a timed run's total: not max_epochs' steps."""
+    b = TimeBudget(max_minutes=1.0)
+    b.start(step=0)
+    assert b.expected_end(0, step_limit=5000) == 5000     # nothing measured yet: the limit
+    clock.now += 10.0                                     # 0.5 s per update: 120 updates in the minute
+    assert b.expected_end(20, step_limit=5000) == 120
+    assert b.expected_end(20, step_limit=60) == 60        # the epochs or steps end first
+    assert b.expected_end(20, step_limit=0) == 120
+    b.fixed_total = 130                                   # a decay placed: its end
+    assert b.expected_end(20, step_limit=5000) == 130
+
+
 def test_time_is_counted_across_resumes(clock):
     first = TimeBudget(max_minutes=1.0)
     first.start(step=0)

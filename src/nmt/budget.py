@@ -62,6 +62,14 @@ class TimeBudget:
         left = max(60 * self.max_minutes - self.seconds, 0.0)
         return step + int(left * done / spent)
 
+    def expected_end(self, step: int, step_limit: int) -> int:
+        """The step the run is expected to end at (for progress displays; 0 when unknown): a fixed
+        schedule end, else the time budget's estimate capped by ``step_limit`` (steps or epochs)."""
+        if self.fixed_total:
+            return self.fixed_total
+        estimate = self.estimate_total(step)
+        return min(estimate, step_limit) if estimate is not None and step_limit else (estimate or step_limit)
+
     def state_dict(self) -> dict:
         return {"seconds": self.seconds, "fixed_total": self.fixed_total}
 

@@ -152,6 +152,9 @@ class Trainer:
         log.info("device %s, %s; model %.2fM parameters (%s-norm, share_embeddings=%s); %s", self.device,
                  "bf16 autocast" if self.amp else "fp32", n_params / 1e6, self.cfg.model.norm,
                  self.cfg.model.share_embeddings, self.dist.describe())
+        if self.device.type == "cpu" and self.cfg.precision == "auto" and not self.amp:
+            log.info("this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so training runs in fp32: about half "
+                     "the updates per minute of a CPU that has them (docs/results.md)")
         log.info("data %s: %d training pairs, %d dev pairs; vocab %d/%d; %d batches per epoch%s (max_tokens %d%s)",
                  self.cfg.data.name, len(self.data.train_src), len(self.data.dev_src), self.tok.src_vocab_size,
                  self.tok.tgt_vocab_size, len(self.sampler), " per rank" if self.dist.enabled else "",
@@ -171,7 +174,8 @@ class Trainer:
         window = {"loss": 0.0, "tokens": 0, "real": 0, "padded": 0, "norm": 0.0, "n": 0, "t0": time.time()}
         start = self._saved_at = time.time()
         self.budget.start(self.step)
-        bar = _progress(t.progress and self.dist.main, self.total_steps, self.step)
+        bar = _progress(t.progress and self.dist.main, self.budget.fixed_total or (0 if self.budget.limited else
+                                                                                 self.total_steps), self.step)
         with StopSignal() as stop:
             while reason is None:
                 group = self._next_group()
@@ -371,6 +375,8 @@ class Trainer:
                    bad_steps=self.skipped)
         self.metrics.log(self.step, **row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
+        if self.budget.limited:                 # under a time budget the end is the estimate, not max_epochs'
+            bar.total = max(self.budget.expected_end(self.step, self.total_steps), self.step) or None
         if self.dist.main:
             log.info("step %d epoch %.2f | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tok/s | padding eff %.2f",
                      self.step, row["epoch"], row["loss"], row["lr"], row["grad_norm"], row["tokens_per_sec"],
