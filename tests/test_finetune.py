@@ -109,8 +109,28 @@ def test_data_mix_adds_a_fixed_sample_of_the_old_corpus(parent, make_cfg, tmp_pa
     assert any("data.mix:" in r.getMessage() for r in caplog.records)
 
 
+def test_data_mix_in_tokens_gives_the_other_corpus_its_share_of_the_tokens(parent, make_cfg):
+    """data.mix.unit=tokens: the sample holds about ratio tokens of the other corpus per token of the new
+    data, whatever the two corpora's sentence lengths (counted in pairs, long verses would dominate)."""
+    from nmt.data import prepare_data
+    from nmt.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_state(load_checkpoint(parent / "checkpoints" / "best.pt")["tokenizer"])
+    plain = prepare_data(make_cfg(*NEW), tok)
+    n = len(plain.train_src)
+    own = int(plain.train_src_lens.sum() + plain.train_tgt_lens.sum())
+    by_pairs, by_tokens = (prepare_data(make_cfg(*NEW, f"data.mix.name={QUICK}", "data.mix.ratio=0.5",
+                                                 f"data.mix.unit={unit}"), tok) for unit in ("pairs", "tokens"))
+    assert len(by_pairs.train_src) == n + round(0.5 * n)
+    mixed = int(by_tokens.train_src_lens[n:].sum() + by_tokens.train_tgt_lens[n:].sum())
+    assert 0.4 < mixed / own < 0.6
+    other = int(by_pairs.train_src_lens[n:].sum() + by_pairs.train_tgt_lens[n:].sum())
+    assert (len(by_tokens.train_src) > len(by_pairs.train_src)) == (other < 0.5 * own)   # shorter pairs: more of them
+
+
 @pytest.mark.parametrize("overrides, message", [
     (("data.mix.ratio=0.2",), "data.mix.ratio needs data.mix.name"),
+    ((f"data.mix.name={QUICK}", "data.mix.ratio=0.2", "data.mix.unit=words"), "data.mix.unit='words' is not valid"),
     ((f"data.mix.name={QUICK}", "data.mix.ratio=-1"), "data.mix.ratio must be >= 0"),
     ((f"data.mix.name={QUICK}", "data.mix.ratio=0.2", f"data.name={QUICK}"), "data.mix.name is data.name"),
 ])

@@ -38,7 +38,9 @@ class DownloadConfig:
 class MixConfig:
     """Pairs of another corpus mixed into the training split (fine-tuning: against forgetting)."""
     name: Optional[str] = None         # corpus folder inside data.root (e.g. the corpus the model was trained on)
-    ratio: float = 0.0                 # pairs of it per training pair of data.name (0.25 = a fifth of the mixture)
+    ratio: float = 0.0                 # its share per unit of data.name's training data (0.25 = a fifth of the mixture)
+    unit: str = "pairs"                # what ratio counts: pairs | tokens (source + target tokens: corpora with
+                                       # longer sentences take their share of the batches, not more)
 
 
 @dataclass
@@ -318,6 +320,7 @@ def validate(cfg: Config) -> Config:
     m = cfg.data.mix
     _require(m.ratio >= 0, f"data.mix.ratio must be >= 0, got {m.ratio}")
     _require(not m.ratio or m.name, "data.mix.ratio needs data.mix.name (the corpus to mix in)")
+    _require(m.unit in ("pairs", "tokens"), f"data.mix.unit={m.unit!r} is not valid; choose one of: pairs, tokens")
     _require(not m.name or m.name != cfg.data.name, f"data.mix.name is data.name ({m.name}); name another corpus")
     validate_optim(o)
     validate_decode(cfg.valid.decode, "valid.decode")

@@ -111,20 +111,27 @@ def sample_pairs(pairs: Iterable[tuple[str, str]], k: int, seed: int = 1) -> tup
 
 
 def mix_in(cfg: Config, tokenizer: Tokenizer, src: Sequence, tgt: Sequence) -> tuple[Mixture, Mixture]:
-    """``src``/``tgt`` followed by ``data.mix.ratio * len(src)`` pairs of corpus ``data.mix.name``'s
-    training split (same tokenizer, filters and token cache), a sample fixed by ``train.seed``:
-    without replacement while that corpus has enough pairs, with replacement beyond."""
+    """``src``/``tgt`` followed by a sample of corpus ``data.mix.name``'s training split (same tokenizer,
+    filters and token cache), fixed by ``train.seed``: ``data.mix.ratio`` of its pairs per pair of
+    ``src`` (``data.mix.unit=pairs``), or as many pairs as hold, at that corpus's mean length,
+    ``ratio`` of its tokens per token of ``src``/``tgt`` (``tokens``). Drawn without replacement while
+    that corpus has enough pairs, with replacement beyond."""
     d = cfg.data
     other = replace(d, name=d.mix.name, train_limit=0, mix=MixConfig())
     split = cached_split(find_split(other, "train"), tokenizer, other, cfg.model.max_positions, token_cache_dir(cfg),
                          cfg.train.progress)
     if len(split.src) == 0:
         raise ValueError(f"data.mix: every training pair of {other.name} was filtered out ({split.counts})")
-    k = max(1, round(d.mix.ratio * len(src)))
+    own_tokens = int(_lengths(src).sum() + _lengths(tgt).sum())
+    other_lens = split.src.lengths() + split.tgt.lengths()
+    per_pair = d.mix.ratio if d.mix.unit == "pairs" else d.mix.ratio * own_tokens / len(src) / other_lens.mean()
+    k = max(1, round(per_pair * len(src)))
     rng = np.random.default_rng(cfg.train.seed)
     picks = rng.choice(len(split.src), size=k, replace=k > len(split.src)).astype(np.int64)
-    log.info("data.mix: %s pairs of %s (of %s) mixed into %s training pairs of %s: %.1f%% of the mixture",
-             f"{k:,}", other.name, f"{len(split.src):,}", f"{len(src):,}", d.name, 100 * k / (k + len(src)))
+    mixed_tokens = int(other_lens[picks].sum())
+    log.info("data.mix: %s pairs of %s (of %s) mixed into %s training pairs of %s: %.1f%% of the mixture's pairs, "
+             "%.1f%% of its tokens", f"{k:,}", other.name, f"{len(split.src):,}", f"{len(src):,}", d.name,
+             100 * k / (k + len(src)), 100 * mixed_tokens / (mixed_tokens + own_tokens))
     return Mixture(src, split.src, picks), Mixture(tgt, split.tgt, picks)
 
 
