@@ -124,8 +124,8 @@ def mix_in(cfg: Config, tokenizer: Tokenizer, src: Sequence, tgt: Sequence) -> t
         raise ValueError(f"data.mix: every training pair of {other.name} was filtered out ({split.counts})")
     own_tokens = int(_lengths(src).sum() + _lengths(tgt).sum())
     other_lens = split.src.lengths() + split.tgt.lengths()
-    per_pair = d.mix.ratio if d.mix.unit == "pairs" else d.mix.ratio * own_tokens / len(src) / other_lens.mean()
-    k = max(1, round(per_pair * len(src)))
+    # pairs to draw: ratio per pair of src, or ratio per token of src/tgt at the other corpus's mean pair length
+    k = max(1, round(d.mix.ratio * (len(src) if d.mix.unit == "pairs" else own_tokens / other_lens.mean())))
     rng = np.random.default_rng(cfg.train.seed)
     picks = rng.choice(len(split.src), size=k, replace=k > len(split.src)).astype(np.int64)
     mixed_tokens = int(other_lens[picks].sum())
