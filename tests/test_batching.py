@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmt.batching import Batch, TokenBatchSampler, batches_for_inference, collate, padding_efficiency
+from nmt.batching import (Batch, TokenBatchSampler, batches_for_inference, collate, padding_efficiency,
+                          shape_multiples)
 from nmt.tokenizer import BOS, EOS, PAD
 
 
@@ -95,6 +96,73 @@ def test_every_index_once_and_budget_respected(n, max_tokens, bucket, seed, shuf
         s.next_epoch()
 
 
+def padded(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 300), max_tokens=st.integers(1, 400), lm=st.integers(1, 9), bm=st.integers(1, 9),
+       seed=st.integers(0, 5))
+def test_multiples_keep_coverage_and_the_padded_budget(n, max_tokens, lm, bm, seed):
+    rng = random.Random(n * 7 + max_tokens)
+    src = [rng.randint(1, 60) for _ in range(n)]
+    tgt = [rng.randint(1, 60) for _ in range(n)]
+    s = TokenBatchSampler(src, tgt, max_tokens=max_tokens, seed=seed, bucket_size=3, length_multiple=lm,
+                          batch_multiple=bm)
+    batches = list(s)
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    for b in batches:
+        # the budget holds for the lengths as collate pads them
+        assert b and (len(b) * max(padded(max(src[i], tgt[i]), lm) for i in b) <= max_tokens or len(b) == 1)
+        x = collate([[5] * (src[i] - 1) + [EOS] for i in b], [[6] * (tgt[i] - 1) for i in b], b, lm)
+        assert x.src.shape[1] % lm == 0 and x.tgt_in.shape[1] % lm == 0
+
+
+def test_batch_sizes_are_multiples_but_for_the_last_of_a_pool():
+    src, tgt = lognormal_lengths(3000)
+    src, tgt = [min(x, 60) for x in src], [min(x, 60) for x in tgt]    # 8 sentences of 64 fit in 1,000
+    s = TokenBatchSampler(src, tgt, max_tokens=1000, seed=0, bucket_size=10 ** 6, shuffle=False,
+                          length_multiple=8, batch_multiple=8)
+    sizes = [len(b) for b in s.batches()]      # one pool, batches in order: only the last one is free
+    assert sum(sizes) == 3000 and all(k % 8 == 0 for k in sizes[:-1]), sizes
+
+
+def shapes(sampler: TokenBatchSampler, src, tgt, epochs: int) -> set:
+    out = set()
+    for _ in range(epochs):
+        m = sampler.length_multiple
+        out |= {(len(b), padded(max(src[i] for i in b), m), padded(max(tgt[i] for i in b), m)) for b in sampler}
+        sampler.next_epoch()
+    return out
+
+
+def test_multiples_make_few_batch_shapes_at_a_small_cost_in_padding():
+    # why the trainer uses them where kernels are compiled per shape: a few dozen shapes instead of
+    # hundreds, for a little more padding
+    src, tgt = lognormal_lengths(20000)
+    plain = TokenBatchSampler(src, tgt, max_tokens=2048, seed=0)
+    fixed = TokenBatchSampler(src, tgt, max_tokens=2048, seed=0, length_multiple=8, batch_multiple=8)
+    few, many = shapes(fixed, src, tgt, 5), shapes(plain, src, tgt, 5)
+    assert 3 * len(few) < len(many), (len(few), len(many))
+
+    def efficiency(sampler):         # real tokens / positions as collate pads them
+        m, real, positions = sampler.length_multiple, 0, 0
+        for b in sampler.batches():
+            real += sum(src[i] + tgt[i] for i in b)
+            positions += len(b) * (padded(max(src[i] for i in b), m) + padded(max(tgt[i] for i in b), m))
+        return real / positions
+    assert efficiency(plain) == pytest.approx(padding_efficiency(plain.batches(), src, tgt))
+    assert 0.85 * efficiency(plain) < efficiency(fixed) < efficiency(plain)
+
+
+def test_shape_multiples_follow_the_device_unless_set():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert shape_multiples(0, 0, cpu, None) == (1, 1)                 # fp32 on a CPU: no padding
+    assert shape_multiples(0, 0, cpu, torch.bfloat16) == (8, 8)       # oneDNN compiles per shape
+    assert shape_multiples(0, 0, cuda, None) == (8, 8)
+    assert shape_multiples(4, 0, cpu, None) == (4, 1) and shape_multiples(0, 2, cuda, None) == (8, 2)
+
+
 def test_oversize_pairs_get_their_own_batch_and_one_warning(caplog):
     src, tgt = [5] * 50 + [500, 600], [5] * 50 + [10, 700]
     with caplog.at_level(logging.WARNING, logger="nmt.batching"):
@@ -169,6 +237,10 @@ def test_resume_with_changed_settings_restarts_the_epoch(caplog):
     with caplog.at_level(logging.WARNING, logger="nmt.batching"):
         other.load_state_dict(s.state_dict())
     assert other.position == 0 and "max_tokens: 1000 -> 800" in caplog.text
+    padded_lengths = TokenBatchSampler(src, tgt, max_tokens=1000, seed=0, length_multiple=8)
+    with caplog.at_level(logging.WARNING, logger="nmt.batching"):
+        padded_lengths.load_state_dict(s.state_dict())
+    assert padded_lengths.position == 0 and "length_multiple: 1 -> 8" in caplog.text
 
 
 def test_bucketing_beats_random_batches_on_padding(real_lengths):

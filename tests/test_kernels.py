@@ -15,13 +15,15 @@ PAD = 0
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("chunk", [3, 7, 1000])
-def test_linear_smoothed_ce_equals_projection_then_label_smoothed_nll(eps, chunk):
+@pytest.mark.parametrize("chunk,tail", [(3, 1), (7, 1), (1000, 1), (7, 4), (6, 16), (1000, 8)])
+def test_linear_smoothed_ce_equals_projection_then_label_smoothed_nll(eps, chunk, tail):
+    # tail > 1: the last chunk reaches back over rows of the one before (20 rows: 14..20 -> 12..20 for
+    # chunk 7 and tail 4), which must still count once
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(20, 16, generator=g, requires_grad=True)
     weight = torch.randn(30, 16, generator=g, requires_grad=True)
     target = torch.randint(0, 30, (20,), generator=g)
-    loss, nll = linear_smoothed_cross_entropy(hidden, weight, target, eps, chunk)
+    loss, nll = linear_smoothed_cross_entropy(hidden, weight, target, eps, chunk, tail)
     loss.backward()
     got = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

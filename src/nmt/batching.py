@@ -143,6 +143,12 @@ class TokenBatchSampler:
     ``<= max_tokens``; a pair longer than ``max_tokens`` on its own gets a batch
     of its own.
 
+    ``length_multiple`` rounds the lengths up as :func:`collate` pads them (pass the
+    same value to both), and ``batch_multiple`` makes every batch but the last of a
+    pool hold a multiple of that many sentences (the rest start the next batch). Both
+    keep the set of batch shapes small: CPU matmul libraries (oneDNN) compile and
+    cache a kernel per shape, and allocators fragment on ever-new tensor sizes.
+
     Each epoch (seeded by ``(seed, epoch)``): shuffle the positions, cut them into
     pools of about ``bucket_size`` batches, sort each pool by length, cut it into
     batches, shuffle the batch order. ``shuffle=False`` keeps the positions and
@@ -159,15 +165,19 @@ class TokenBatchSampler:
     """
 
     def __init__(self, src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, seed: int,
-                 bucket_size: int = 100, shuffle: bool = True, rank: int = 0, world: int = 1):
+                 bucket_size: int = 100, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 length_multiple: int = 1, batch_multiple: int = 1):
         if len(src_lens) != len(tgt_lens):
             raise ValueError(f"{len(src_lens)} source lengths but {len(tgt_lens)} target lengths")
-        if max_tokens <= 0 or bucket_size <= 0:
-            raise ValueError(f"max_tokens ({max_tokens}) and bucket_size ({bucket_size}) must be > 0")
+        if min(max_tokens, bucket_size, length_multiple, batch_multiple) <= 0:
+            raise ValueError(f"max_tokens ({max_tokens}), bucket_size ({bucket_size}), length_multiple "
+                             f"({length_multiple}) and batch_multiple ({batch_multiple}) must be > 0")
         src = np.ascontiguousarray(src_lens, dtype=np.int64).reshape(-1)
         tgt = np.ascontiguousarray(tgt_lens, dtype=np.int64).reshape(-1)
-        self._len = np.maximum(src, tgt)           # what a pair costs per batch row
+        m = int(length_multiple)
+        self._len = -(-np.maximum(src, tgt) // m) * m   # what a pair costs per batch row, padded as collate pads
         self.max_tokens, self.seed, self.bucket_size, self.shuffle = int(max_tokens), int(seed), int(bucket_size), bool(shuffle)
+        self.length_multiple, self.batch_multiple = m, int(batch_multiple)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         self.rank, self.world = int(rank), int(world)
@@ -176,6 +186,7 @@ class TokenBatchSampler:
         self._fingerprint = {
             "n": len(self._len), "lengths_crc": zlib.crc32(tgt, zlib.crc32(src)),   # no copies
             "seed": self.seed, "max_tokens": self.max_tokens, "bucket_size": self.bucket_size, "shuffle": self.shuffle,
+            "length_multiple": self.length_multiple, "batch_multiple": self.batch_multiple,
             "world": self.world,      # not the rank: every rank is at the same position, rank 0's state is saved
         }
         self._epoch, self._position = 0, 0
@@ -244,14 +255,17 @@ class TokenBatchSampler:
         return padded[self.rank::self.world]
 
     def _cut(self, sorted_lens: list[int]) -> list[int]:
-        """Sizes of the batches of a greedy cut of ascending lengths within the budget."""
+        """Sizes of the batches of a greedy cut of ascending lengths within the budget, each a multiple
+        of ``batch_multiple`` where it holds that many (the sentences over it start the next batch, or
+        make one of their own where they do not fit beside the newcomer); the pool's last batch is free."""
         sizes: list[int] = []
         count = 0
         for length in sorted_lens:
             # ascending order: the newcomer is the longest in the batch
-            if count and (count + 1) * length > self.max_tokens:
-                sizes.append(count)
-                count = 0
+            while count and (count + 1) * length > self.max_tokens:
+                size = count - count % self.batch_multiple if count >= self.batch_multiple else count
+                sizes.append(size)
+                count -= size
             count += 1
         if count:
             sizes.append(count)
@@ -276,6 +290,24 @@ class TokenBatchSampler:
             self._position = 0
         else:
             self._position = int(state["position"])
+
+
+def shape_multiples(length_multiple: int, batch_multiple: int, device: torch.device,
+                    autocast: Optional[torch.dtype]) -> tuple[int, int]:
+    """``train.length_multiple`` and ``train.batch_multiple``, 0 meaning the device's choice: 8 and 8
+    where kernels are chosen or compiled per shape (CUDA; CPUs training in bf16, whose oneDNN kernels
+    are compiled and cached per shape), 1 and 1 on a CPU in fp32 (where padding only costs time)."""
+    auto = 8 if device.type == "cuda" or autocast is not None else 1
+    return length_multiple or auto, batch_multiple or auto
+
+
+def training_sampler(src_lens: Sequence[int], tgt_lens: Sequence[int], train, device: torch.device,
+                     autocast: Optional[torch.dtype], rank: int = 0, world: int = 1) -> TokenBatchSampler:
+    """The sampler of the training batches as the trainer cuts them for ``train`` (a TrainConfig) on
+    ``device``; collate its batches with ``multiple=sampler.length_multiple``."""
+    lm, bm = shape_multiples(train.length_multiple, train.batch_multiple, device, autocast)
+    return TokenBatchSampler(src_lens, tgt_lens, train.max_tokens, seed=train.seed, bucket_size=train.bucket_size,
+                             rank=rank, world=world, length_multiple=lm, batch_multiple=bm)
 
 
 def padding_efficiency(batches: Sequence[Sequence[int]], src_lens: Sequence[int], tgt_lens: Sequence[int]) -> float:

@@ -183,6 +183,8 @@ class TrainConfig:
     max_bad_steps: int = 10            # non-finite updates in a row before aborting
     src_gain_warn: float = 0.1         # warn when src_gain stays below this after warmup
     bucket_size: int = 100             # batches per length-sorted pool
+    length_multiple: int = 0           # pad batch lengths to a multiple of this (0 = auto: 8 on GPUs and for bf16 on CPUs, else 1)
+    batch_multiple: int = 0            # sentences per batch in multiples of this (0 = auto, as length_multiple)
     progress: bool = True              # tqdm progress bar
     max_minutes: float = 0.0           # stop (validate, save) after this much time in this invocation (0 = no limit)
     threads: int = 0                   # torch CPU threads (0 = torch's default)

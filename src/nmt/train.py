@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from nmt import distributed
 from nmt.average import average_checkpoints
-from nmt.batching import TokenBatchSampler, collate
+from nmt.batching import collate, training_sampler
 from nmt.budget import TimeBudget, schedule_end
 from nmt.checkpoint import FORMAT, CheckpointManager, all_finite
 from nmt.config import Config, to_dict
@@ -81,9 +81,8 @@ class Trainer:
         if init:
             src, tgt = self.data.train_src, self.data.train_tgt      # the new corpus, without data.mix's pairs
             report_unknowns(getattr(src, "primary", src), getattr(tgt, "primary", tgt), inherited=True)
-        self.sampler = TokenBatchSampler(self.data.train_src_lens, self.data.train_tgt_lens, t.max_tokens,
-                                         seed=t.seed, bucket_size=t.bucket_size, rank=self.dist.rank,
-                                         world=self.dist.world)
+        self.sampler = training_sampler(self.data.train_src_lens, self.data.train_tgt_lens, t, self.device, self.amp,
+                                        rank=self.dist.rank, world=self.dist.world)
         self.model = Transformer(cfg.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size, PAD).to(self.device)
         # the run's length in steps when steps or epochs bound it (0: only the time budget does)
         self.total_steps = t.max_steps or (t.max_epochs * math.ceil(len(self.sampler) / t.accumulate))
@@ -111,7 +110,6 @@ class Trainer:
         self.forward = self.dist.wrap(self.model, self.device)     # DDP when distributed: runs the forward passes
         if t.compile:                             # the compiled wrapper runs; self.model keeps the plain weights
             self.forward = torch.compile(self.forward, dynamic=True)
-        self.pad_multiple = 8 if self.device.type == "cuda" else 1
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume else None, enabled=self.dist.main)
         if self.dist.main:
             self.tok.save(self.run_dir / "tokenizer")
@@ -155,10 +153,13 @@ class Trainer:
         if self.device.type == "cpu" and self.cfg.precision == "auto" and not self.amp:
             log.info("this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so training runs in fp32: about half "
                      "the updates per minute of a CPU that has them (docs/results.md)")
-        log.info("data %s: %d training pairs, %d dev pairs; vocab %d/%d; %d batches per epoch%s (max_tokens %d%s)",
+        s = self.sampler
+        log.info("data %s: %d training pairs, %d dev pairs; vocab %d/%d; %d batches per epoch%s (max_tokens %d%s; "
+                 "lengths padded to multiples of %d, sentences in multiples of %d)",
                  self.cfg.data.name, len(self.data.train_src), len(self.data.dev_src), self.tok.src_vocab_size,
-                 self.tok.tgt_vocab_size, len(self.sampler), " per rank" if self.dist.enabled else "",
-                 self.cfg.train.max_tokens, " per rank and batch" if self.dist.enabled else "")
+                 self.tok.tgt_vocab_size, len(s), " per rank" if self.dist.enabled else "",
+                 self.cfg.train.max_tokens, " per rank and batch" if self.dist.enabled else "", s.length_multiple,
+                 s.batch_multiple)
         if self.timed_end and not self.budget.fixed_total:
             log.info("%s schedule: peak LR %.2e after %d warmup steps; the decay takes the last %g%% of the run, "
                      "whose end is estimated from train.max_minutes=%g as training goes", self.cfg.optim.name,
@@ -301,7 +302,7 @@ class Trainer:
 
     def _collate(self, idx: list[int]):
         batch = collate([self.data.train_src[i] for i in idx], [self.data.train_tgt[i] for i in idx], idx,
-                        self.pad_multiple)
+                        self.sampler.length_multiple)
         return batch.pin_memory() if self.device.type == "cuda" else batch   # the copy overlaps with compute
 
     def _next_group(self) -> Optional[list[list[int]]]:

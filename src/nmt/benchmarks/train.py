@@ -54,16 +54,17 @@ def _config(args: argparse.Namespace):
         return to_config(compose("config", overrides=overrides))
 
 
-def _batches(cfg, n: int):
-    from nmt.batching import TokenBatchSampler, collate
+def _batches(cfg, n: int, device: torch.device, amp):
+    from nmt.batching import collate, training_sampler
     from nmt.data import prepare_data
 
     data = prepare_data(cfg)
-    sampler = TokenBatchSampler(data.train_src_lens, data.train_tgt_lens, cfg.train.max_tokens, seed=cfg.train.seed)
+    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, cfg.train, device, amp)
     batches = []
     while len(batches) < n:
         for idx in sampler:
-            batches.append(collate([data.train_src[i] for i in idx], [data.train_tgt[i] for i in idx], idx))
+            batches.append(collate([data.train_src[i] for i in idx], [data.train_tgt[i] for i in idx], idx,
+                                   sampler.length_multiple))
             if len(batches) == n:
                 break
         sampler.next_epoch()
@@ -128,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     cfg = _config(args)
     device = select_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device, training=True)
-    tok, batches = _batches(cfg, args.warmup + args.steps)
+    tok, batches = _batches(cfg, args.warmup + args.steps, device, amp)
     warm, timed = batches[:args.warmup], batches[args.warmup:]
     m = cfg.model
     flops = 3 * sum(forward_flops(m.d_model, m.ffn, tok.tgt_vocab_size, m.n_encoder_layers, m.n_decoder_layers,

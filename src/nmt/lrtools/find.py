@@ -108,7 +108,7 @@ def range_test(cfg: Config, lo: float, hi: float, steps: int, beta: float = 0.9,
     import torch
     from tqdm import tqdm
 
-    from nmt.batching import TokenBatchSampler, collate
+    from nmt.batching import collate, training_sampler
     from nmt.data import prepare_data
     from nmt.model import Transformer
     from nmt.runtime import autocast_dtype, seed_everything, select_device
@@ -121,8 +121,7 @@ def range_test(cfg: Config, lo: float, hi: float, steps: int, beta: float = 0.9,
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
     tok, t = data.tokenizer, cfg.train
-    sampler = TokenBatchSampler(data.train_src_lens, data.train_tgt_lens, t.max_tokens, seed=t.seed,
-                                bucket_size=t.bucket_size)
+    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, t, device, amp)
     model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, PAD).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lrs[0], betas=tuple(float(b) for b in cfg.optim.betas),
                            eps=cfg.optim.eps)
@@ -134,7 +133,7 @@ def range_test(cfg: Config, lo: float, hi: float, steps: int, beta: float = 0.9,
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        group = [collate([data.train_src[j] for j in idx], [data.train_tgt[j] for j in idx], idx)
+        group = [collate([data.train_src[j] for j in idx], [data.train_tgt[j] for j in idx], idx, sampler.length_multiple)
                  for idx in (next(batches) for _ in range(t.accumulate))]
         loss = float(accumulate_gradients(model, group, device, amp, t.label_smoothing)[0])
         # the same smoothing as stats.ema_smooth, one value at a time

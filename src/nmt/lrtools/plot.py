@@ -82,13 +82,15 @@ def batches_per_epoch_from_data(cfg: Config) -> tuple[int, int, float]:
     Reads and tokenizes the training data; the tokenizer is trained on first use
     and cached, so the first call on a big corpus can take ~20 s.
     """
-    from nmt.batching import TokenBatchSampler
+    from nmt.batching import training_sampler
     from nmt.data import prepare_data
+    from nmt.runtime import autocast_dtype, select_device
 
     t0 = time.time()
     data = prepare_data(cfg)
-    sampler = TokenBatchSampler(data.train_src_lens, data.train_tgt_lens, cfg.train.max_tokens,
-                                seed=cfg.train.seed, bucket_size=cfg.train.bucket_size)
+    device = select_device(cfg.device)
+    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, cfg.train, device,
+                               autocast_dtype(cfg.precision, device, training=True))
     return len(sampler), len(data.train_src), time.time() - t0
 
 

@@ -129,7 +129,7 @@ class _LinearSmoothedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float,
-                chunk: int) -> tuple[Tensor, Tensor]:
+                chunk: int, tail_multiple: int) -> tuple[Tensor, Tensor]:
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -139,23 +139,29 @@ class _LinearSmoothedCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grads else None
         w = None
         for start in range(0, n, chunk):
-            h = hidden[start:start + chunk]
-            t = target[start:start + chunk].unsqueeze(-1)
+            end = min(start + chunk, n)
+            # the last chunk reaches back over rows already done to a size that is a multiple of
+            # tail_multiple, so that matmuls see a few shapes, not one per batch; those rows are skipped
+            low = max(0, end - -(-(end - start) // tail_multiple) * tail_multiple)
+            skip = start - low
+            h = hidden[low:end]
+            t = target[low:end].unsqueeze(-1)
             logits = torch.mm(h, weight.t())        # the autocast dtype, when autocast is on
             if w is None:
                 w = weight.to(logits.dtype)         # for the gradient matmuls, cast once
             lprobs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-            row_nll = lprobs.gather(-1, t).neg_()
+            row_nll = lprobs.gather(-1, t).neg_()[skip:]
             nll += row_nll.sum()
             loss += row_nll.sum() if epsilon == 0.0 else \
-                (1.0 - epsilon) * row_nll.sum() - epsilon * lprobs.mean(dim=-1).sum()
+                (1.0 - epsilon) * row_nll.sum() - epsilon * lprobs[skip:].mean(dim=-1).sum()
             if grads:
                 g = lprobs.exp_()                   # softmax, in place of the log-probabilities
                 if epsilon:
                     g.sub_(epsilon / vocab)
                 g.scatter_add_(-1, t, torch.full(t.shape, epsilon - 1.0, dtype=g.dtype, device=g.device))
+                g[:skip] = 0.0                      # rows of the previous chunk count there
                 g = g.to(logits.dtype)
-                grad_h[start:start + chunk] = torch.mm(g, w)
+                grad_h[start:end] = torch.mm(g, w)[skip:]
                 grad_w += torch.mm(g.t(), h.to(logits.dtype))
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(nll)
@@ -165,11 +171,12 @@ class _LinearSmoothedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None)
+        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None,
+                None)
 
 
 def linear_smoothed_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float,
-                                  chunk: int = 256) -> tuple[Tensor, Tensor]:
+                                  chunk: int = 256, tail_multiple: int = 64) -> tuple[Tensor, Tensor]:
     """Label-smoothed cross-entropy of ``hidden @ weight.T`` against ``target``, summed over rows.
 
     hidden [N, D] (real positions only, no padding), weight [V, D] (the output
@@ -177,10 +184,15 @@ def linear_smoothed_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor
     float32 scalars (float64 for float64 input); only ``loss_sum`` has a gradient. Per row: ``loss = (1 - eps)
     * nll + eps * mean_v(-log p_v)``, the convention of ``nmt.loss.label_smoothed_nll``
     (which this equals up to rounding). Matmuls follow autocast; the softmax is float32.
+    Rows go ``chunk`` at a time; the last chunk is widened backwards to a multiple of
+    ``tail_multiple`` rows (recomputing a few, counted once), so that the number of real
+    target tokens, which differs in every batch, does not make a new matmul shape each time.
     """
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"label smoothing epsilon must be in [0, 1), got {epsilon}")
     if hidden.dim() != 2 or weight.dim() != 2 or target.shape != hidden.shape[:1]:
         raise ValueError(f"linear_smoothed_cross_entropy needs hidden [N, D], weight [V, D], target [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(target.shape)}")
-    return _LinearSmoothedCE.apply(hidden, weight, target, float(epsilon), int(chunk))
+    if chunk <= 0 or tail_multiple <= 0:
+        raise ValueError(f"chunk ({chunk}) and tail_multiple ({tail_multiple}) must be > 0")
+    return _LinearSmoothedCE.apply(hidden, weight, target, float(epsilon), int(chunk), int(tail_multiple))
