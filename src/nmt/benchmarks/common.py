@@ -24,7 +24,7 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -43,14 +43,14 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif os.path.exists("/proc/self/statm"):
-            self.peak = _rss_bytes()
+            self.peak = rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak or 0, _rss_bytes())
+            self.peak = max(self.peak or 0, rss_bytes())
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
@@ -58,7 +58,7 @@ class PeakMemory:
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak or 0, _rss_bytes())
+            self.peak = max(self.peak or 0, rss_bytes())
 
 
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:

@@ -5,6 +5,14 @@ Both models get the same token-budget batches of a real corpus, the same Adam
 clipping. Timed blocks alternate (ours, theirs, ours, ...) in one process so
 that machine noise hits both; medians are reported.
 
+``--stream N`` times N consecutive batches of the epoch order instead, each once, as a
+training run meets them: on the CPU, oneDNN compiles and caches a matmul kernel per shape
+(bf16), so a stream of ever new batch shapes runs slower than the same few batches repeated,
+and resident memory grows with the shapes it has seen. It reports the update rate of the first
+and the last quarter, the number of distinct batch shapes and the resident memory at both ends;
+compare ``train.length_multiple=1 train.batch_multiple=1`` (no rounding of batch shapes) with
+the default in two runs.
+
 Model FLOPs of one update (the "model FLOPs" of MFU: real tokens only, so
 padding counts as waste) are 3x the forward FLOPs (backward = 2x forward),
 with, per sentence of S source and T target tokens, d = d_model, f = ffn,
@@ -28,7 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from nmt.benchmarks.common import PeakMemory, device_name, device_peak, hf_marian, sync
+from nmt.benchmarks.common import PeakMemory, device_name, device_peak, hf_marian, rss_bytes, sync
 
 
 def forward_flops(d: int, f: int, vocab: int, enc_layers: int, dec_layers: int,
@@ -121,14 +129,55 @@ def _summary(seconds: list[float], cpu: list[float], batches, flops: int, peak: 
             "peak_memory_mb": round(max(m for m in memory if m) / 2 ** 20, 1) if any(memory) else None}
 
 
+def _stream(args: argparse.Namespace, cfg, device: torch.device, amp) -> dict:
+    """Each of ``args.stream`` consecutive batches once, after ``args.warmup`` untimed ones."""
+    tok, batches = _batches(cfg, args.warmup + args.stream, device, amp)
+    update, _ = _ours(cfg, tok, device, amp, args.compile)
+    for b in batches[:args.warmup]:
+        update(b)
+    timed = batches[args.warmup:]
+    rss0, seconds, rss = rss_bytes(), [], []
+    for b in timed:
+        sync(device)
+        start = time.perf_counter()
+        update(b)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+        rss.append(rss_bytes())
+    q = max(1, len(timed) // 4)
+
+    def rate(part: slice) -> float:
+        return round(sum(b.n_tgt_tokens for b in timed[part]) / sum(seconds[part]), 1)
+    mb = lambda x: round(x / 2 ** 20, 1) if x else None         # noqa: E731
+    return {"updates": len(timed), "distinct_shapes": len({(*b.src.shape, b.tgt_in.shape[1]) for b in timed}),
+            "target_tokens_per_s": {"all": rate(slice(None)), "first_quarter": rate(slice(0, q)),
+                                    "last_quarter": rate(slice(-q, None))},
+            "padding_efficiency": round(sum(b.n_src_tokens + b.n_tgt_tokens for b in timed)
+                                        / sum(b.src.numel() + b.tgt_in.numel() for b in timed), 3),
+            "rss_mb": {"start": mb(rss0), "after_first_quarter": mb(rss[q - 1]), "end": mb(rss[-1]),
+                       "peak": mb(max(rss))}}
+
+
 def cmd_train(args: argparse.Namespace) -> dict:
     from nmt.runtime import autocast_dtype, select_device
 
+    if args.stream and args.compare_hf:
+        raise SystemExit("bench.py: error: --stream times our trainer only; leave out --compare-hf")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = _config(args)
     device = select_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device, training=True)
+    if args.stream:
+        from nmt.batching import shape_multiples
+
+        lm, bm = shape_multiples(cfg.train.length_multiple, cfg.train.batch_multiple, device, amp)
+        return {"benchmark": "train --stream", "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "device": device_name(device), "torch": torch.__version__, "preset": args.preset,
+                "settings": {"max_tokens": cfg.train.max_tokens, "warmup": args.warmup,
+                             "precision": str(amp or torch.float32).replace("torch.", ""),
+                             "length_multiple": lm, "batch_multiple": bm, "overrides": args.overrides},
+                "ours": _stream(args, cfg, device, amp)}
     tok, batches = _batches(cfg, args.warmup + args.steps, device, amp)
     warm, timed = batches[:args.warmup], batches[args.warmup:]
     m = cfg.model
@@ -196,6 +245,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed updates per repeat")
     p.add_argument("--warmup", type=int, default=3, help="untimed updates first (with --compile: compilation)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stream", type=int, default=0, metavar="N",
+                   help="instead: N consecutive batches of the epoch order, each once (a training run's shapes)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=1)
