@@ -46,8 +46,8 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/statm"):
-            self.peak = rss_bytes()
+        elif rss := rss_bytes():  # 0 where /proc/self/statm is missing: no sampling, peak stays None
+            self.peak = rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
