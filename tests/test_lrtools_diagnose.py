@@ -104,6 +104,15 @@ def test_warmup_longer_than_an_epoch(tmp_path, capsys):
     assert "warmup 500 steps = 2.50 epochs" in md and "optim.warmup_steps=200" in md
 
 
+def test_warmup_of_about_one_epoch_is_no_finding():
+    from nmt.lrtools.checks import WARMUP_EPOCHS_TOLERANCE, warmup_vs_epoch
+    assert warmup_vs_epoch(600, 562, None) is None                   # the default: 1.07 epochs
+    assert warmup_vs_epoch(int(WARMUP_EPOCHS_TOLERANCE * 562), 562, None) is None
+    f = warmup_vs_epoch(int(WARMUP_EPOCHS_TOLERANCE * 562) + 1, 562, None)
+    assert f is not None and f.code == "warmup_longer_than_epoch"
+    assert warmup_vs_epoch(4000, None, None) is None                  # epoch length unknown: no claim
+
+
 def test_out_dir_and_run_without_config(tmp_path, capsys):
     run = write_run(tmp_path / "run")
     (run / "config.yaml").unlink()

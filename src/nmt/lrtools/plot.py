@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nmt.config import Config
+from nmt.lrtools.checks import warmup_too_long
 from nmt.lrtools.figures import pyplot, save
 from nmt.lrtools.stats import fmt_lr
 from nmt.schedules import describe_schedule, lr_at, peak_lr, warmup_end
@@ -120,7 +121,7 @@ def schedule_facts(cfg: Config, lrs: Sequence[float], per_epoch: float,
     elif total and facts.warmup_steps > 0.25 * total:
         facts.notes.append(f"warmup takes {100 * facts.warmup_steps / total:.0f}% of training "
                            f"({facts.warmup_steps:,} of {total:,} updates): the peak LR comes late")
-    if facts.warmup_steps > per_epoch:
+    if warmup_too_long(facts.warmup_steps, per_epoch):
         facts.notes.append(f"warmup ({facts.warmup_steps:,} steps) is longer than one epoch "
                            f"({per_epoch:,.0f} updates): the first epoch trains at a low LR")
     return facts
