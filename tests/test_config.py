@@ -22,7 +22,7 @@ def test_default_config_composes_and_validates():
 
 def test_a_schedule_chosen_on_the_command_line_keeps_its_own_defaults():
     """The default recipe's LR settings live in conf/optim/wsd.yaml, not in config.yaml, where they
-    would silently apply to optim=noam too (warmup 300 with factor 1: a peak of 3.6e-3)."""
+    would silently apply to optim=noam too (warmup 600 with factor 1: a peak of 2.6e-3)."""
     assert (lambda o: (o.lr, o.warmup_steps))(to_config(compose_cfg()).optim) == (2e-3, 600)
     noam = to_config(compose_cfg("optim=noam")).optim
     assert (noam.factor, noam.warmup_steps) == (1.0, 4000)
