@@ -1,9 +1,11 @@
 """Process-level concerns: device and precision, seeding, RNG state, stop signals."""
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import signal
+import time
 from typing import Optional
 
 import torch
@@ -25,8 +27,8 @@ def select_device(name: str) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX), where
-    bf16 matmuls run ~3x faster than fp32; elsewhere they are emulated and slower."""
+    """Whether this CPU has bfloat16 matmul instructions (AVX512-BF16 or AMX). Having them is not
+    enough for bf16 to be faster: see :func:`cpu_bf16_speedup`."""
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     try:
@@ -35,13 +37,44 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+# bf16 autocast on the CPU only where its matmuls are at least this much faster than fp32 ones
+# (autocast adds casts, and the loss and the optimizer stay in fp32)
+BF16_MIN_SPEEDUP = 1.2
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16 time of a matrix product the size of a small model's feed-forward layer,
+    timed on this CPU with the current thread count (best of 5; ~0.1 s, once per process); 0.0
+    without native bf16 instructions, where bf16 is emulated. Measured because the instructions do
+    not tell: bf16 matmuls ran ~3x faster than fp32 on a Zen 4 and on a Xeon with AMX, and at about
+    0.55x on a Xeon with AVX512-BF16 but no AMX (docs/results.md)."""
+    if not cpu_has_native_bf16():
+        return 0.0
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 256, generator=gen), torch.randn(256, 1024, generator=gen)
+
+    def best(x: torch.Tensor, y: torch.Tensor) -> float:
+        for _ in range(2):                      # the first bf16 product builds its kernel
+            x @ y
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(4):
+                x @ y
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(a, b) / max(best(a.bfloat16(), b.bfloat16()), 1e-9)
+
+
 def autocast_dtype(precision: str, device: torch.device, training: bool = False) -> Optional[torch.dtype]:
     """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
 
-    ``auto``: bf16 on GPUs that support it; on the CPU only for ``training`` and
-    only where the CPU has native bf16 matmuls (inference on the CPU stays fp32,
-    so translations match the KV-cache-exact fp32 search). ``bf16`` forces it
-    (an error on a GPU without bf16; allowed but slow on a CPU without it).
+    ``auto``: bf16 on GPUs that support it; on the CPU only for ``training`` and only where bf16
+    matmuls measure at least ``BF16_MIN_SPEEDUP`` times faster than fp32 ones (inference on the CPU
+    stays fp32, so translations match the KV-cache-exact fp32 search). ``bf16`` forces it (an error
+    on a GPU without bf16; allowed but slow on a CPU without it).
     """
     if precision == "fp32":
         return None
@@ -55,7 +88,12 @@ def autocast_dtype(precision: str, device: torch.device, training: bool = False)
             log.warning("precision=bf16 on a CPU without native bfloat16 matmuls (AVX512-BF16/AMX): "
                         "this is emulated and slower than fp32")
         return torch.bfloat16
-    return torch.bfloat16 if training and cpu_has_native_bf16() else None
+    return torch.bfloat16 if training and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else None
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    """``"bf16"`` or ``"fp32"``: how checkpoints record the precision a run trained in."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def configure_backends(device: torch.device) -> None:

@@ -35,8 +35,8 @@ from nmt.lrtools.lrcheck import lower_lr_advice
 from nmt.metrics import MetricsLogger
 from nmt.model import Transformer
 from nmt.optim import ScheduledOptimizer, build_optimizer, describe_schedule, peak_lr, warmup_end
-from nmt.runtime import (StopSignal, autocast_dtype, configure_backends, rng_state, seed_everything,
-                         select_device, set_rng_state)
+from nmt.runtime import (BF16_MIN_SPEEDUP, StopSignal, autocast_dtype, configure_backends, cpu_bf16_speedup,
+                         dtype_name, rng_state, seed_everything, select_device, set_rng_state)
 from nmt.schedules import wsd_decay_start, wsd_end_not_before
 from nmt.startup import find_init, find_resume
 from nmt.step import train_step
@@ -61,8 +61,6 @@ class Trainer:
         self.cfg, self.run_dir, t = cfg, Path(run_dir), cfg.train
         self.dist = distributed.init(cfg.device)
         self.device = self.dist.device(select_device(cfg.device))
-        self.amp = autocast_dtype(cfg.precision, self.device, training=True)
-        self.eval_amp = autocast_dtype(cfg.precision, self.device)    # validation decodes as the translator does
         configure_backends(self.device)
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -71,6 +69,8 @@ class Trainer:
         if self.dist.main:
             self.ckpt.prepare()                # an unwritable folder fails now, not at the first save
         resume = find_resume(cfg, self.run_dir)
+        self.amp = self._training_precision(resume)
+        self.eval_amp = autocast_dtype(cfg.precision, self.device)    # validation decodes as the translator does
         init, self.init_from = find_init(cfg) if not resume else (None, None)
         if resume:
             self.init_from = resume.get("init_from")
@@ -81,7 +81,7 @@ class Trainer:
         if init:
             src, tgt = self.data.train_src, self.data.train_tgt      # the new corpus, without data.mix's pairs
             report_unknowns(getattr(src, "primary", src), getattr(tgt, "primary", tgt), inherited=True)
-        self.sampler = training_sampler(self.data.train_src_lens, self.data.train_tgt_lens, t, self.device, self.amp,
+        self.sampler = training_sampler(self.data.train_src_lens, self.data.train_tgt_lens, t,
                                         rank=self.dist.rank, world=self.dist.world)
         self.model = Transformer(cfg.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size, PAD).to(self.device)
         # the run's length in steps when steps or epochs bound it (0: only the time budget does)
@@ -117,6 +117,16 @@ class Trainer:
         self._log_setup()
 
     # ------------------------------------------------------------------ setup helpers
+    def _training_precision(self, resume: Optional[dict]) -> Optional[torch.dtype]:
+        """The autocast dtype of the training steps. ``precision=auto`` on a CPU is measured
+        (:func:`cpu_bf16_speedup`): rank 0's choice holds for every rank, and a resumed run keeps the
+        one its checkpoint records, so that its batch shapes and numerics stay those of the run."""
+        recorded = (resume or {}).get("precision")
+        if self.cfg.precision == "auto" and self.device.type == "cpu" and recorded in ("bf16", "fp32"):
+            return torch.bfloat16 if recorded == "bf16" else None
+        amp = autocast_dtype(self.cfg.precision, self.device, training=True)
+        return torch.bfloat16 if self.dist.broadcast(dtype_name(amp)) == "bf16" else None
+
     def _initialize(self, obj: dict) -> None:
         """Fine-tuning: the checkpoint's weights (and, if asked, its optimizer state / schedule step)."""
         self.model.load_state_dict(obj["model"])
@@ -150,9 +160,15 @@ class Trainer:
         log.info("device %s, %s; model %.2fM parameters (%s-norm, share_embeddings=%s); %s", self.device,
                  "bf16 autocast" if self.amp else "fp32", n_params / 1e6, self.cfg.model.norm,
                  self.cfg.model.share_embeddings, self.dist.describe())
-        if self.device.type == "cpu" and self.cfg.precision == "auto" and not self.amp:
-            log.info("this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so training runs in fp32: about half "
-                     "the updates per minute of a CPU that has them (docs/results.md)")
+        if self.device.type == "cpu" and self.cfg.precision == "auto":
+            speedup = cpu_bf16_speedup()
+            if not speedup:
+                log.info("this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so training runs in fp32: about "
+                         "half the updates per minute of a CPU whose bf16 matmuls are fast (docs/results.md)")
+            else:
+                log.info("precision=auto: bf16 matmuls run at %.2fx the fp32 speed on this CPU, so training runs in "
+                         "%s (bf16 needs %.1fx; set precision=fp32 or bf16 to choose)", speedup,
+                         "bf16 autocast" if self.amp else "fp32", BF16_MIN_SPEEDUP)
         s = self.sampler
         log.info("data %s: %d training pairs, %d dev pairs; vocab %d/%d; %d batches per epoch%s (max_tokens %d%s; "
                  "lengths padded to multiples of %d, sentences in multiples of %d)",
@@ -440,6 +456,7 @@ class Trainer:
             "format": FORMAT, "model": self.model.state_dict(), "config": to_dict(self.cfg),
             "tokenizer": self.tok.to_state(), "decode": to_dict(self.cfg.decode), "step": self.step,
             "epoch": self._epoch(), "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
+            "precision": dtype_name(self.amp),
             "rng": rngs[0], "rng_ranks": rngs if self.dist.enabled else None,
             "early_stopping": self.stopper.state_dict(), "skipped_steps": self.skipped,
             "budget": self.budget.state_dict(), "init_from": self.init_from,
