@@ -155,12 +155,9 @@ def test_multiples_make_few_batch_shapes_at_a_small_cost_in_padding():
     assert 0.85 * efficiency(plain) < efficiency(fixed) < efficiency(plain)
 
 
-def test_shape_multiples_follow_the_device_unless_set():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert shape_multiples(0, 0, cpu, None) == (1, 1)                 # fp32 on a CPU: no padding
-    assert shape_multiples(0, 0, cpu, torch.bfloat16) == (8, 8)       # oneDNN compiles per shape
-    assert shape_multiples(0, 0, cuda, None) == (8, 8)
-    assert shape_multiples(4, 0, cpu, None) == (4, 1) and shape_multiples(0, 2, cuda, None) == (8, 2)
+def test_shape_multiples_are_eight_unless_set():
+    assert shape_multiples(0, 0) == (8, 8)
+    assert shape_multiples(4, 0) == (4, 8) and shape_multiples(0, 2) == (8, 2) and shape_multiples(1, 1) == (1, 1)
 
 
 def test_oversize_pairs_get_their_own_batch_and_one_warning(caplog):

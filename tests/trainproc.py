@@ -133,6 +133,8 @@ def wait_until(cond: Callable[[], bool], proc: Proc, timeout: float = 180, what:
     end = time.monotonic() + timeout
     while not cond():
         if not proc.running():
+            if cond():                          # it held when the child exited
+                return
             raise AssertionError(f"the process exited (rc {proc.p.returncode}) before {what}:\n{proc.output()[-3000:]}")
         if time.monotonic() > end:
             proc.stop()

@@ -292,20 +292,20 @@ class TokenBatchSampler:
             self._position = int(state["position"])
 
 
-def shape_multiples(length_multiple: int, batch_multiple: int, device: torch.device,
-                    autocast: Optional[torch.dtype]) -> tuple[int, int]:
-    """``train.length_multiple`` and ``train.batch_multiple``, 0 meaning the device's choice: 8 and 8
-    where kernels are chosen or compiled per shape (CUDA; CPUs training in bf16, whose oneDNN kernels
-    are compiled and cached per shape), 1 and 1 on a CPU in fp32 (where padding only costs time)."""
-    auto = 8 if device.type == "cuda" or autocast is not None else 1
+def shape_multiples(length_multiple: int, batch_multiple: int) -> tuple[int, int]:
+    """``train.length_multiple`` and ``train.batch_multiple``, 0 meaning 8 on every device: CUDA
+    and bf16 on CPUs compile or cache kernels per shape, and in fp32 on a CPU the padding cost no
+    real tokens per second where measured (docs/benchmarks.md), while the same batches in either
+    precision keep a schedule's epochs, and so the measured defaults, the same."""
+    auto = 8
     return length_multiple or auto, batch_multiple or auto
 
 
-def training_sampler(src_lens: Sequence[int], tgt_lens: Sequence[int], train, device: torch.device,
-                     autocast: Optional[torch.dtype], rank: int = 0, world: int = 1) -> TokenBatchSampler:
-    """The sampler of the training batches as the trainer cuts them for ``train`` (a TrainConfig) on
-    ``device``; collate its batches with ``multiple=sampler.length_multiple``."""
-    lm, bm = shape_multiples(train.length_multiple, train.batch_multiple, device, autocast)
+def training_sampler(src_lens: Sequence[int], tgt_lens: Sequence[int], train, rank: int = 0,
+                     world: int = 1) -> TokenBatchSampler:
+    """The sampler of the training batches as the trainer cuts them for ``train`` (a TrainConfig);
+    collate its batches with ``multiple=sampler.length_multiple``."""
+    lm, bm = shape_multiples(train.length_multiple, train.batch_multiple)
     return TokenBatchSampler(src_lens, tgt_lens, train.max_tokens, seed=train.seed, bucket_size=train.bucket_size,
                              rank=rank, world=world, length_multiple=lm, batch_multiple=bm)
 

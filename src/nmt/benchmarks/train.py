@@ -62,12 +62,12 @@ def _config(args: argparse.Namespace):
         return to_config(compose("config", overrides=overrides))
 
 
-def _batches(cfg, n: int, device: torch.device, amp):
+def _batches(cfg, n: int):
     from nmt.batching import collate, training_sampler
     from nmt.data import prepare_data
 
     data = prepare_data(cfg)
-    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, cfg.train, device, amp)
+    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, cfg.train)
     batches = []
     while len(batches) < n:
         for idx in sampler:
@@ -131,7 +131,7 @@ def _summary(seconds: list[float], cpu: list[float], batches, flops: int, peak: 
 
 def _stream(args: argparse.Namespace, cfg, device: torch.device, amp) -> dict:
     """Each of ``args.stream`` consecutive batches once, after ``args.warmup`` untimed ones."""
-    tok, batches = _batches(cfg, args.warmup + args.stream, device, amp)
+    tok, batches = _batches(cfg, args.warmup + args.stream)
     update, _ = _ours(cfg, tok, device, amp, args.compile)
     for b in batches[:args.warmup]:
         update(b)
@@ -171,14 +171,14 @@ def cmd_train(args: argparse.Namespace) -> dict:
     if args.stream:
         from nmt.batching import shape_multiples
 
-        lm, bm = shape_multiples(cfg.train.length_multiple, cfg.train.batch_multiple, device, amp)
+        lm, bm = shape_multiples(cfg.train.length_multiple, cfg.train.batch_multiple)
         return {"benchmark": "train --stream", "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "device": device_name(device), "torch": torch.__version__, "preset": args.preset,
                 "settings": {"max_tokens": cfg.train.max_tokens, "warmup": args.warmup,
                              "precision": str(amp or torch.float32).replace("torch.", ""),
                              "length_multiple": lm, "batch_multiple": bm, "overrides": args.overrides},
                 "ours": _stream(args, cfg, device, amp)}
-    tok, batches = _batches(cfg, args.warmup + args.steps, device, amp)
+    tok, batches = _batches(cfg, args.warmup + args.steps)
     warm, timed = batches[:args.warmup], batches[args.warmup:]
     m = cfg.model
     flops = 3 * sum(forward_flops(m.d_model, m.ffn, tok.tgt_vocab_size, m.n_encoder_layers, m.n_decoder_layers,

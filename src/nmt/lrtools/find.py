@@ -121,7 +121,7 @@ def range_test(cfg: Config, lo: float, hi: float, steps: int, beta: float = 0.9,
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg)
     tok, t = data.tokenizer, cfg.train
-    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, t, device, amp)
+    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, t)
     model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, PAD).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lrs[0], betas=tuple(float(b) for b in cfg.optim.betas),
                            eps=cfg.optim.eps)

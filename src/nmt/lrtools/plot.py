@@ -85,13 +85,10 @@ def batches_per_epoch_from_data(cfg: Config) -> tuple[int, int, float]:
     """
     from nmt.batching import training_sampler
     from nmt.data import prepare_data
-    from nmt.runtime import autocast_dtype, select_device
 
     t0 = time.time()
     data = prepare_data(cfg)
-    device = select_device(cfg.device)
-    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, cfg.train, device,
-                               autocast_dtype(cfg.precision, device, training=True))
+    sampler = training_sampler(data.train_src_lens, data.train_tgt_lens, cfg.train)
     return len(sampler), len(data.train_src), time.time() - t0
 
 
