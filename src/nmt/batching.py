@@ -294,9 +294,9 @@ class TokenBatchSampler:
 
 def shape_multiples(length_multiple: int, batch_multiple: int) -> tuple[int, int]:
     """``train.length_multiple`` and ``train.batch_multiple``, 0 meaning 8 on every device: CUDA
-    and bf16 on CPUs compile or cache kernels per shape, and in fp32 on a CPU the padding cost no
-    real tokens per second where measured (docs/benchmarks.md), while the same batches in either
-    precision keep a schedule's epochs, and so the measured defaults, the same."""
+    and bf16 on CPUs compile or cache kernels per shape; in fp32 on a CPU the padding costs up to 7%
+    of the real tokens per second (docs/benchmarks.md), and buys the same batches in either
+    precision, so that a schedule's epochs, and the checks the defaults were chosen by, are the same."""
     auto = 8
     return length_multiple or auto, batch_multiple or auto
 

@@ -183,7 +183,7 @@ class TrainConfig:
     max_bad_steps: int = 10            # non-finite updates in a row before aborting
     src_gain_warn: float = 0.1         # warn when src_gain stays below this after warmup
     bucket_size: int = 100             # batches per length-sorted pool
-    length_multiple: int = 0           # pad batch lengths to a multiple of this (0 = auto: 8 on GPUs and for bf16 on CPUs, else 1)
+    length_multiple: int = 0           # pad batch lengths to a multiple of this (0 = auto: 8)
     batch_multiple: int = 0            # sentences per batch in multiples of this (0 = auto, as length_multiple)
     progress: bool = True              # tqdm progress bar
     max_minutes: float = 0.0           # stop (validate, save) after this much time in this invocation (0 = no limit)
@@ -203,7 +203,7 @@ class Config:
     # defaults of the translator, stored in every checkpoint (scripts/translate.py flags override them)
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(beam_size=5, nbest=1))
     device: str = "auto"               # auto | cpu | cuda
-    precision: str = "auto"            # auto (bf16 autocast on GPUs with bf16 and, for training, CPUs with native bf16) | fp32 | bf16
+    precision: str = "auto"            # auto (bf16 autocast on GPUs with bf16 and, for training, CPUs whose bf16 matmuls measure faster) | fp32 | bf16
 
 
 # regularisation settings: they may change between a checkpoint and the run that resumes or averages it

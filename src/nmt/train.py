@@ -122,7 +122,9 @@ class Trainer:
         (:func:`cpu_bf16_speedup`): rank 0's choice holds for every rank, and a resumed run keeps the
         one its checkpoint records, so that its batch shapes and numerics stay those of the run."""
         recorded = (resume or {}).get("precision")
-        if self.cfg.precision == "auto" and self.device.type == "cpu" and recorded in ("bf16", "fp32"):
+        self.precision_kept = (self.cfg.precision == "auto" and self.device.type == "cpu"
+                               and recorded in ("bf16", "fp32"))
+        if self.precision_kept:
             return torch.bfloat16 if recorded == "bf16" else None
         amp = autocast_dtype(self.cfg.precision, self.device, training=True)
         return torch.bfloat16 if self.dist.broadcast(dtype_name(amp)) == "bf16" else None
@@ -160,7 +162,9 @@ class Trainer:
         log.info("device %s, %s; model %.2fM parameters (%s-norm, share_embeddings=%s); %s", self.device,
                  "bf16 autocast" if self.amp else "fp32", n_params / 1e6, self.cfg.model.norm,
                  self.cfg.model.share_embeddings, self.dist.describe())
-        if self.device.type == "cpu" and self.cfg.precision == "auto":
+        if self.precision_kept:
+            log.info("precision=auto: %s, as the resumed run trained", "bf16 autocast" if self.amp else "fp32")
+        elif self.device.type == "cpu" and self.cfg.precision == "auto":
             speedup = cpu_bf16_speedup()
             if not speedup:
                 log.info("this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so training runs in fp32: about "
