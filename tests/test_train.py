@@ -134,6 +134,26 @@ def test_a_decay_that_runs_slower_than_planned_may_finish_a_little_past_the_budg
     assert trainer._time_up() and "end of the wsd schedule" in trainer._schedule_end_reason()
 
 
+def test_under_a_time_budget_a_step_limit_that_comes_first_ends_the_decay_and_says_so(make_cfg, tmp_path,
+                                                                                       monkeypatch, caplog):
+    """train.max_minutes and train.max_steps (or max_epochs) both bound a run: whichever comes first.
+    When the limit comes first, the decay ends at it, and the log says that it, not the time, set the end."""
+    from nmt import budget
+
+    ticks = iter(range(10 ** 9))      # 0.02 s per clock reading: 60 minutes would hold far more than 12 steps
+    monkeypatch.setattr(budget, "now", lambda: 0.02 * next(ticks))
+    cfg = make_cfg("optim=wsd", "optim.lr=2e-3", "optim.warmup_steps=2", "optim.decay_fraction=0.5", "train.max_steps=12",
+                   "train.max_epochs=0", "train.max_minutes=60", "train.log_every=1", "train.valid_every=12")
+    with caplog.at_level("INFO", logger="nmt.train"):
+        summary = train(cfg, tmp_path)
+    assert summary["step"] == 12
+    assert json.loads((tmp_path / "summary.json").read_text())["schedule_total_steps"] == 12
+    lrs = {int(r["step"]): r["lr"] for r in read_metrics(tmp_path / "metrics.csv") if r["loss"] is not None}
+    assert lrs[4] == pytest.approx(2e-3) and lrs[9] < 2e-3 and lrs[12] == pytest.approx(0.0, abs=1e-12)
+    assert "or is step 12 (train.max_steps=12) if that comes first" in caplog.text
+    assert "train.max_steps=12 ends the run before the time budget would" in caplog.text
+
+
 def test_wsd_under_a_time_budget_fixes_its_end_and_every_lr_is_recomputable(make_cfg, tmp_path, monkeypatch):
     from nmt import budget
     from nmt.lrtools.lrcheck import check_logged_lr

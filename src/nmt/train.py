@@ -182,9 +182,11 @@ class Trainer:
                  s.batch_multiple)
         if self.timed_end and not self.budget.fixed_total:
             log.info("%s schedule: peak LR %.2e after %d warmup steps; the decay takes the last %g%% of the run, "
-                     "whose end is estimated from train.max_minutes=%g as training goes", self.cfg.optim.name,
+                     "whose end is estimated from train.max_minutes=%g as training goes%s", self.cfg.optim.name,
                      peak_lr(self.cfg.optim, self.cfg.model.d_model), self.cfg.optim.warmup_steps,
-                     100 * self.cfg.optim.decay_fraction, self.cfg.train.max_minutes)
+                     100 * self.cfg.optim.decay_fraction, self.cfg.train.max_minutes,
+                     f", or is step {self.total_steps} ({self._step_limit()}) if that comes first"
+                     if self.total_steps else "")
         else:
             log.info(describe_schedule(self.cfg.optim, self.cfg.model.d_model, self.opt.total_steps))
 
@@ -250,14 +252,25 @@ class Trainer:
             self.opt.total_steps = int(total)
             if fixed and not self.budget.fixed_total:
                 self.budget.fixed_total = int(total)
+                capped = (f"; {self._step_limit()} ends the run before the time budget would, whose estimate is step "
+                          f"{self.budget.estimate_total(self.step)}" if self._limit_ends_run() else "")
                 log.info("time budget: the LR decay starts after step %d and ends at step %d (%.2f s per update so "
-                         "far, %.1f of %g minutes used)", self.step, total, self.budget.seconds / max(self.step, 1),
-                         self.budget.seconds / 60, self.cfg.train.max_minutes)
+                         "far, %.1f of %g minutes used%s)", self.step, total, self.budget.seconds / max(self.step, 1),
+                         self.budget.seconds / 60, self.cfg.train.max_minutes, capped)
         if received:
             return f"interrupted by {signal.Signals(int(received)).name}"
         if expired:
             return f"reached train.max_minutes={self.cfg.train.max_minutes:g}"
         return self._schedule_end_reason()
+
+    def _step_limit(self) -> str:
+        """The option that sets ``total_steps``, for messages."""
+        t = self.cfg.train
+        return f"train.max_steps={t.max_steps}" if t.max_steps else f"train.max_epochs={t.max_epochs}"
+
+    def _limit_ends_run(self) -> bool:
+        """Under a time budget, the schedule's fixed end is the one that steps or epochs set, not the time's."""
+        return bool(self.total_steps and self.budget.fixed_total and self.budget.fixed_total >= self.total_steps)
 
     @property
     def _decaying(self) -> bool:
@@ -275,7 +288,9 @@ class Trainer:
 
     def _schedule_end_reason(self) -> Optional[str]:
         if self.budget.fixed_total and self.step >= self.budget.fixed_total:
-            why = (f"estimated from train.max_minutes={self.cfg.train.max_minutes:g}" if self.timed_end else
+            why = (f"set by {self._step_limit()}, which came before train.max_minutes={self.cfg.train.max_minutes:g}"
+                   if self.timed_end and self._limit_ends_run() else
+                   f"estimated from train.max_minutes={self.cfg.train.max_minutes:g}" if self.timed_end else
                    f"its decay began when early stopping found no improvement, best at step {self.stopper.best_step}")
             return f"reached the end of the {self.cfg.optim.name} schedule at step {self.step} ({why})"
         return None
