@@ -142,8 +142,9 @@ def test_under_a_time_budget_a_step_limit_that_comes_first_ends_the_decay_and_sa
 
     ticks = iter(range(10 ** 9))      # 0.02 s per clock reading: 60 minutes would hold far more than 12 steps
     monkeypatch.setattr(budget, "now", lambda: 0.02 * next(ticks))
-    cfg = make_cfg("optim=wsd", "optim.lr=2e-3", "optim.warmup_steps=2", "optim.decay_fraction=0.5", "train.max_steps=12",
-                   "train.max_epochs=0", "train.max_minutes=60", "train.log_every=1", "train.valid_every=12")
+    cfg = make_cfg("optim=wsd", "optim.lr=2e-3", "optim.warmup_steps=2", "optim.decay_fraction=0.5",
+                   "train.max_steps=12", "train.max_epochs=0", "train.max_minutes=60", "train.log_every=1",
+                   "train.valid_every=12")
     with caplog.at_level("INFO", logger="nmt.train"):
         summary = train(cfg, tmp_path)
     assert summary["step"] == 12

@@ -288,10 +288,13 @@ class Trainer:
 
     def _schedule_end_reason(self) -> Optional[str]:
         if self.budget.fixed_total and self.step >= self.budget.fixed_total:
-            why = (f"set by {self._step_limit()}, which came before train.max_minutes={self.cfg.train.max_minutes:g}"
-                   if self.timed_end and self._limit_ends_run() else
-                   f"estimated from train.max_minutes={self.cfg.train.max_minutes:g}" if self.timed_end else
-                   f"its decay began when early stopping found no improvement, best at step {self.stopper.best_step}")
+            minutes = f"train.max_minutes={self.cfg.train.max_minutes:g}"
+            if not self.timed_end:
+                why = f"its decay began when early stopping found no improvement, best at step {self.stopper.best_step}"
+            elif self._limit_ends_run():
+                why = f"set by {self._step_limit()}, which came before {minutes}"
+            else:
+                why = f"estimated from {minutes}"
             return f"reached the end of the {self.cfg.optim.name} schedule at step {self.step} ({why})"
         return None
 
